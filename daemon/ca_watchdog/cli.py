@@ -1,0 +1,265 @@
+"""The `ca-watchdog` command line.
+
+Exit status: 0 success (or nothing to do), 1 a failed operation, 2 bad input (malformed CS.cfg
+or configuration, wrong arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, ConfigError, load_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _err(msg: str) -> None:
+    print(f"ca-watchdog: {msg}", file=sys.stderr)
+
+
+# ---- cscfg ----------------------------------------------------------------------------------------
+
+
+def _cscfg_show(args: argparse.Namespace) -> int:
+    from . import cscfg
+
+    cfg = cscfg.read_cscfg(args.path)
+    report = cscfg.classify(cfg)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "path": args.path,
+                    "role": report.role.value,
+                    "issuing_points": [
+                        {"id": p.id, "enable": p.enable, "enableCRLCache": p.crl_cache, "enableCRLUpdates": p.crl_updates}
+                        for p in report.issuing_points
+                    ],
+                    "certStatusUpdateInterval": report.status_update_interval,
+                    "listenToCloneModifications": report.listen_to_clones,
+                    "master_agent": report.master_agent,
+                    "problems": list(report.problems),
+                    "warnings": list(report.warnings),
+                },
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    print(f"{args.path}: {report.role.value}")
+    for p in report.issuing_points:
+        print(
+            f"  issuing point {p.id}: enable={str(p.enable).lower()} enableCRLCache={str(p.crl_cache).lower()} "
+            f"enableCRLUpdates={str(p.crl_updates).lower()}"
+        )
+    print(f"  ca.certStatusUpdateInterval={report.status_update_interval}")
+    print(f"  ca.listenToCloneModifications={str(report.listen_to_clones).lower()}")
+    print(f"  master.ca.agent: {report.master_agent or '-'}")
+    for p in report.problems:
+        print(f"  problem: {p}")
+    for w in report.warnings:
+        print(f"  warning: {w}")
+    return EXIT_OK
+
+
+def _apply(args: argparse.Namespace, wanted: str, transform: Callable[[Any], Any]) -> int:
+    from . import cscfg
+
+    cfg = cscfg.read_cscfg(args.path)
+    report = cscfg.classify(cfg)
+    if report.role.value == wanted:
+        print(f"{args.path} is already {wanted}: nothing to do")
+        return EXIT_OK
+    new = transform(cfg)
+    if args.dry_run:
+        sys.stdout.write(cscfg.unified_diff(cfg, new))
+        return EXIT_OK
+    result = cscfg.write_cscfg(new, args.path, expected=cfg.render())
+    changed = cscfg.changed_role_keys(cfg, new)
+    print(f"{result.path}: now {cscfg.classify(new).role.value} ({len(changed)} keys changed); backup {result.backup}")
+    return EXIT_OK
+
+
+def _cscfg_promote(args: argparse.Namespace) -> int:
+    from . import cscfg
+
+    source = cscfg.read_cscfg(args.crl_from)
+    block = source.crl_lines()
+    return _apply(args, "master", lambda cfg: cscfg.promote(cfg, block, origin=args.crl_from))
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _cscfg_demote(args: argparse.Namespace) -> int:
+    from . import cscfg
+
+    host, port = args.new_master
+    return _apply(args, "clone", lambda cfg: cscfg.demote(cfg, host, port))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    s = load_settings(args.path, check_files=True)
+    print(
+        f"{args.path}: valid; node {s.node.name}, {len(s.members)} members, {s.store.backend} store, "
+        f"interval {s.timing.interval:g} s, ttl {s.timing.ttl:g} s"
+    )
+    return EXIT_OK
+
+
+# ---- the rest is provided by the modules that own it ------------------------------------------------
+
+
+def _lazy(module: str, func: str = "cli_main") -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        handler: Handler = getattr(importlib.import_module(f"ca_watchdog.{module}"), func)
+        return handler(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ca-watchdog",
+        description="Hands-off high availability for Dogtag PKI CA masters and clones.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", "-c", default=DEFAULT_CONFIG_PATH, help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+        return sp
+
+    sp = with_config(sub.add_parser("run", help="run the HA loop (the systemd service)"))
+    sp.set_defaults(func=_lazy("loop"))
+
+    sp = with_config(sub.add_parser("guard", help="make the local CS.cfg agree with the store before the CA starts"))
+    sp.add_argument("instance", nargs="?", help="PKI instance name (from the pki-tomcatd@ unit; informational)")
+    sp.set_defaults(func=_lazy("node", "cli_guard"))
+
+    sp = with_config(sub.add_parser("status", help="the cluster as a table"))
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=_lazy("control", "cli_status"))
+
+    for name, helptext in (
+        ("switchover", "planned move of the master role to a healthy clone"),
+        ("failover", "manual failover to a clone when no master is healthy"),
+    ):
+        sp = with_config(sub.add_parser(name, help=helptext))
+        sp.add_argument("--to", required=True, metavar="NAME", help="member to become master")
+        sp.set_defaults(func=_lazy("control", f"cli_{name}"))
+
+    for name, helptext in (
+        ("pause", "observe and report only; never act"),
+        ("resume", "end a pause"),
+        ("ack", "acknowledge the last failover, ending the cooldown"),
+    ):
+        sp = with_config(sub.add_parser(name, help=helptext))
+        sp.set_defaults(func=_lazy("control", f"cli_{name}"))
+
+    sp = with_config(sub.add_parser("history", help="past failovers and switchovers"))
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=_lazy("control", "cli_history"))
+
+    sp = with_config(sub.add_parser("bootstrap", help="name the master when the store is empty and CS.cfg files disagree"))
+    sp.add_argument("--master", required=True, metavar="NAME")
+    sp.set_defaults(func=_lazy("control", "cli_bootstrap"))
+
+    sp = sub.add_parser("check-config", help="validate a configuration file")
+    sp.add_argument("path", metavar="PATH")
+    sp.set_defaults(func=_check_config)
+
+    cs = sub.add_parser("cscfg", help="inspect and convert CS.cfg (the manual procedure, automated)")
+    css = cs.add_subparsers(dest="cscfg_command", required=True, metavar="ACTION")
+    sp = css.add_parser("show", help="role, issuing points, master.ca.agent target and problems")
+    sp.add_argument("path", metavar="PATH")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cscfg_show)
+    sp = css.add_parser("promote", help="make PATH a master, using the ca.crl. lines of the old master")
+    sp.add_argument("path", metavar="PATH")
+    sp.add_argument("--crl-from", required=True, metavar="OLD_MASTER_CSCFG")
+    sp.add_argument("--dry-run", action="store_true", help="print a unified diff, change nothing")
+    sp.set_defaults(func=_cscfg_promote)
+    sp = css.add_parser("demote", help="make PATH a clone of the new master")
+    sp.add_argument("path", metavar="PATH")
+    sp.add_argument("--new-master", required=True, type=_host_port, metavar="HOST:PORT")
+    sp.add_argument("--dry-run", action="store_true", help="print a unified diff, change nothing")
+    sp.set_defaults(func=_cscfg_demote)
+
+    pr = sub.add_parser("probe", help="probe one CA agent port or one 389-DS, print JSON")
+    prs = pr.add_subparsers(dest="probe_command", required=True, metavar="TARGET")
+    sp = prs.add_parser("agent", help="GET /ca/admin/ca/getStatus (and getInfo)")
+    sp.add_argument("url", metavar="URL")
+    sp.add_argument("--cafile")
+    sp.add_argument("--cert")
+    sp.add_argument("--key")
+    sp.add_argument("--timeout", type=float, default=3.0)
+    sp.set_defaults(func=_lazy("probes.agent"))
+    sp = prs.add_parser("ldap", help="replication agreements, RUV and CRL records of one 389-DS")
+    sp.add_argument("url", metavar="URL")
+    sp.add_argument("--bind-dn", required=True)
+    sp.add_argument("--password-file", required=True)
+    sp.add_argument("--cafile")
+    sp.add_argument("--starttls", action="store_true")
+    sp.add_argument("--timeout", type=float, default=3.0)
+    sp.add_argument("--basedn", default="o=pki-tomcat-CA")
+    sp.set_defaults(func=_lazy("probes.directory"))
+
+    lab = sub.add_parser("lab", help="test-lab tools")
+    labs = lab.add_subparsers(dest="lab_command", required=True, metavar="TOOL")
+    sp = labs.add_parser("ca", help="run a simulated Dogtag CA")
+    sp.add_argument("--cs-cfg", required=True)
+    sp.add_argument("--port", type=int, required=True)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--cert", required=True)
+    sp.add_argument("--key", required=True)
+    sp.add_argument("--cafile", help="CA bundle that client certificates must chain to (agent paths)")
+    sp.add_argument("--status-format", choices=("json", "xml"), default="json")
+    sp.add_argument("--start-delay", type=float, default=0.0)
+    sp.add_argument("--ldap-url")
+    sp.add_argument("--ldap-bind-dn", default="cn=Directory Manager")
+    sp.add_argument("--ldap-password-file")
+    sp.add_argument("--crl-interval", type=float, default=2.0, help="seconds between CRL updates while master")
+    sp.set_defaults(func=_lazy("lab.simca"))
+
+    sp = sub.add_parser("demo", help="a local three-node cluster whose master is killed and replaced, live")
+    sp.add_argument("--json", action="store_true", help="print only a JSON summary")
+    sp.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    sp.set_defaults(func=_lazy("lab.demo"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .cscfg import CSCfgError, CSCfgWriteError
+
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except (CSCfgError, ConfigError) as exc:
+        _err(str(exc))
+        return EXIT_BAD_INPUT
+    except CSCfgWriteError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except ValueError as exc:
+        _err(str(exc))
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
