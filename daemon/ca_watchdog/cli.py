@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ldap-bind-dn", default="cn=Directory Manager")
     sp.add_argument("--ldap-password-file")
     sp.add_argument("--crl-interval", type=float, default=2.0, help="seconds between CRL updates while master")
+    sp.add_argument("--status-delay", type=float, default=0.0, help="fault: delay every getStatus answer by S seconds")
+    sp.add_argument("--status-fault", choices=("http503", "garbage"), help="fault: getStatus answers 503 HTML or garbage")
+    sp.add_argument("--name", help="writer name recorded in LDAP (default: CS.cfg machineName)")
+    sp.add_argument("--signing-key", help="key of the first certificate in --cafile: sign CRLs with it (else the server key)")
     sp.set_defaults(func=_lazy("lab.simca"))
 
     sp = sub.add_parser("demo", help="a local three-node cluster whose master is killed and replaced, live")

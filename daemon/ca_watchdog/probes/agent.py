@@ -1,0 +1,293 @@
+"""The agent-port probe: Dogtag's getStatus and getInfo over HTTPS (aiohttp).
+
+Healthy = HTTP 200, `Status == running`, `State == 1` (dogtag.md 3.2). Bodies are parsed as
+JSON (PKI 11) first, then XML (PKI 10). Nothing a server does makes these calls raise: every
+failure becomes a `down` AgentStatus or an AgentInfo with ok=False and a reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import json
+import ssl
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from types import TracebackType
+from typing import Literal
+
+import aiohttp
+
+STATUS_PATH = "/ca/admin/ca/getStatus"
+INFO_PATH = "/ca/ee/ca/getInfo?xml=true"
+MAX_BODY = 256 * 1024  # getStatus/getInfo answers are tiny; never buffer an endless body
+
+StatusValue = Literal["running", "starting", "down"]
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    status: StatusValue
+    reason: str | None
+    http_status: int | None
+    version: str | None
+    state: str | None
+    latency: float
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == "running"
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    master_host: str | None
+    master_port: int | None
+    crl_numbers: dict[str, int] = field(default_factory=dict)
+    ok: bool = True
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class StatusDoc:
+    """The fields of a getStatus answer, either format."""
+
+    status: str
+    state: str | None
+    version: str | None
+    type: str | None
+
+
+# ---- parsing (pure) ---------------------------------------------------------------------------
+
+
+def safe_xml(body: bytes) -> ET.Element:
+    """Parse XML that has no DTD: no entities, so no entity expansion or external fetches."""
+    head = body.lower()
+    if b"<!doctype" in head or b"<!entity" in head:
+        raise ValueError("XML with a DTD or entity declarations is refused")
+    try:
+        return ET.fromstring(body)
+    except ET.ParseError as exc:
+        raise ValueError(f"invalid XML: {exc}") from None
+
+
+def _text(el: ET.Element | None) -> str | None:
+    if el is None or el.text is None:
+        return None
+    return el.text.strip()
+
+
+def parse_status_body(body: bytes) -> StatusDoc:
+    """JSON `{"Response": {...}}` first, then XML `<XMLResponse>`; ValueError if neither."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if doc is not None:
+        resp = doc.get("Response") if isinstance(doc, dict) else None
+        if not isinstance(resp, dict) or not isinstance(resp.get("Status"), str):
+            raise ValueError("JSON without Response.Status")
+
+        def opt(k: str) -> str | None:
+            v = resp.get(k)
+            return None if v is None else str(v)
+
+        return StatusDoc(str(resp["Status"]), opt("State"), opt("Version"), opt("Type"))
+    root = safe_xml(body)
+    if root.tag != "XMLResponse":
+        raise ValueError(f"XML root <{root.tag}>, expected <XMLResponse>")
+    status = _text(root.find("Status"))
+    if not status:
+        raise ValueError("XML without <Status>")
+    return StatusDoc(status, _text(root.find("State")), _text(root.find("Version")), _text(root.find("Type")))
+
+
+def status_from_answer(http_status: int, body: bytes, latency: float) -> AgentStatus:
+    """Classify one HTTP answer to getStatus."""
+    if http_status != 200:
+        return AgentStatus("down", f"HTTP {http_status}", http_status, None, None, latency)
+    try:
+        doc = parse_status_body(body)
+    except ValueError:
+        return AgentStatus("down", "unparseable body", http_status, None, None, latency)
+    if doc.status == "starting":
+        return AgentStatus("starting", None, http_status, doc.version, doc.state, latency)
+    if doc.status != "running":
+        return AgentStatus("down", f"Status {doc.status!r}", http_status, doc.version, doc.state, latency)
+    if doc.state != "1":
+        # cs.state 0: installed but not configured; Dogtag serves nothing useful yet
+        return AgentStatus(
+            "down", f"State {doc.state!r} (not configured)", http_status, doc.version, doc.state, latency
+        )
+    return AgentStatus("running", None, http_status, doc.version, doc.state, latency)
+
+
+def parse_info_body(body: bytes) -> AgentInfo:
+    """getInfo?xml=true: `<xml><header>` with master_host, master_port, crlIssuingPoints, crlNumbers."""
+    try:
+        root = safe_xml(body)
+    except ValueError as exc:
+        return AgentInfo(None, None, {}, ok=False, error=str(exc))
+    header = root.find("header")
+    if root.tag != "xml" or header is None:
+        return AgentInfo(None, None, {}, ok=False, error="not a Dogtag XML envelope (<xml><header>)")
+    host = _text(header.find("master_host")) or None
+    port_text = _text(header.find("master_port")) or ""
+    port: int | None = None
+    if port_text:
+        if not port_text.isdigit():
+            return AgentInfo(host, None, {}, ok=False, error=f"master_port {port_text!r} is not a number")
+        port = int(port_text)
+    # Dogtag joins the per-issuing-point values with '+'
+    ips = [s for s in (_text(header.find("crlIssuingPoints")) or "").split("+") if s]
+    nums = (_text(header.find("crlNumbers")) or "").split("+")
+    numbers: dict[str, int] = {}
+    for i, ip in enumerate(ips):
+        n = nums[i].strip() if i < len(nums) else ""
+        if n.isdigit():
+            numbers[ip] = int(n)
+    return AgentInfo(host, port, numbers, ok=True, error=None)
+
+
+# ---- transport ------------------------------------------------------------------------------------
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, stable reason for a failed request."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"TLS failure: {exc.certificate_error}"
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return f"TLS failure: {exc}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_err = exc.os_error
+        if isinstance(os_err, ssl.SSLError):
+            return f"TLS failure: {os_err}"
+        if os_err.errno == errno.ECONNREFUSED or isinstance(os_err, ConnectionRefusedError):
+            return "connection refused"
+        return f"connection failed: {os_err.strerror or os_err}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "server disconnected"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "truncated body"
+    if isinstance(exc, aiohttp.InvalidURL):
+        return f"invalid URL: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _read_limited(resp: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ValueError("body too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class AgentProbe:
+    """Probe Dogtag agent ports; one ClientSession, a fresh connection per request.
+
+    Fresh connections (force_close) make every probe see the server as a new client would: a
+    pooled keep-alive connection would hide a changed certificate or a dead listener.
+    """
+
+    def __init__(
+        self,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        timeout: float = 3.0,
+    ) -> None:
+        if key_file is not None and cert_file is None:
+            raise ValueError("a client key needs a client certificate")
+        self.timeout = timeout
+        self.ssl_context = ssl.create_default_context(cafile=ca_file)
+        if cert_file is not None:
+            self.ssl_context.load_cert_chain(cert_file, key_file)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AgentProbe:
+        self._ensure_session()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=self.ssl_context, force_close=True, limit=0)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"Accept": "application/json, application/xml;q=0.9"},
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _get(self, url: str) -> tuple[int, bytes]:
+        session = self._ensure_session()
+        # the session's total timeout covers connect, TLS handshake and body; wait_for is a backstop
+        async with asyncio.timeout(self.timeout + 1.0), session.get(url, allow_redirects=False) as resp:
+            return resp.status, await _read_limited(resp)
+
+    async def status(self, base_url: str) -> AgentStatus:
+        url = base_url.rstrip("/") + STATUS_PATH
+        t0 = time.monotonic()
+        try:
+            code, body = await self._get(url)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return AgentStatus("down", _describe(exc), None, None, None, time.monotonic() - t0)
+        return status_from_answer(code, body, time.monotonic() - t0)
+
+    async def info(self, base_url: str) -> AgentInfo:
+        url = base_url.rstrip("/") + INFO_PATH
+        try:
+            code, body = await self._get(url)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return AgentInfo(None, None, {}, ok=False, error=_describe(exc))
+        if code != 200:
+            return AgentInfo(None, None, {}, ok=False, error=f"HTTP {code}")
+        return parse_info_body(body)
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+
+async def _probe_once(args: argparse.Namespace) -> dict[str, object]:
+    async with AgentProbe(args.cafile, args.cert, args.key, args.timeout) as probe:
+        st, info = await asyncio.gather(probe.status(args.url), probe.info(args.url))
+    out: dict[str, object] = {"url": args.url, **asdict(st)}
+    out["latency"] = round(st.latency, 4)
+    out["info"] = asdict(info)
+    return out
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """`ca-watchdog probe agent URL`: one JSON object; exit 0 if running, 1 otherwise."""
+    if (args.cert is None) != (args.key is None):
+        print("ca-watchdog: --cert and --key go together", file=sys.stderr)
+        return 2
+    try:
+        out = asyncio.run(_probe_once(args))
+    except (OSError, ssl.SSLError) as exc:  # unreadable --cafile/--cert/--key: our input, not the server
+        print(f"ca-watchdog: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0 if out["status"] == "running" else 1
