@@ -1,0 +1,195 @@
+"""Immutable snapshots that the policy reads, and the decision it returns. No I/O here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+CA_RUNNING, CA_STARTING, CA_DOWN = "running", "starting", "down"
+ROLE_UNREADABLE = "unreadable"  # CS.cfg missing or malformed: never elected, never touched
+
+
+class Action(StrEnum):
+    WAIT = "wait"  # observe only; the reason says why
+    RENEW = "renew"  # the master keeps its lease
+    BOOTSTRAP = "bootstrap"  # take the empty leader key as the one CS.cfg master
+    RESTART_CA = "restart_ca"  # master's CA failed: restart it once before failing over
+    DEMOTE_AND_RELEASE = "demote_and_release"  # master's CA failed, or planned switchover: step down
+    PROMOTE = "promote"  # take the key (if not held) and become master
+    SELF_FENCE = "self_fence"  # master cannot renew in time: stop being master before the lease ends
+    FOLLOW = "follow"  # be a clone of the current master (rewrite CS.cfg if needed, start the CA)
+    CLEAR_SWITCHOVER = "clear_switchover"  # a switchover request that cannot be honoured
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    target: str | None = None  # member to promote / follow / hand over to
+    fence_old_master: bool = False  # run fence_command first: the old master was not seen stepping down
+    kind: str = "automatic"  # automatic | switchover | failover | bootstrap (for history and metrics)
+
+    def line(self) -> str:
+        return f"{self.action.value}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class MemberConfig:
+    name: str
+    priority: int = 100
+    nofailover: bool = False
+    agent_host: str = ""
+    agent_port: int = 8443
+
+
+@dataclass(frozen=True)
+class MemberState:
+    """What one daemon publishes about its node every cycle (the member record's payload)."""
+
+    name: str
+    updated_at: float
+    ca_status: str = CA_DOWN
+    ca_reason: str | None = None
+    ca_down_streak: int = 0
+    cscfg_role: str = ROLE_UNREADABLE
+    cscfg_problem: str | None = None
+    master_agent: str | None = None
+    ds_ok: bool = False
+    ds_error: str | None = None
+    replication: str = "unknown"  # worst agreement state: green | amber | red | unknown
+    replica_id: int | None = None
+    max_csn: Mapping[int, str] = field(default_factory=dict)  # replica id -> max CSN (20 hex digits)
+    watching: str | None = None  # the master this node probes
+    watched_status: str | None = None
+    watched_down_streak: int = 0
+    busy: str | None = None  # a long action in progress (promoting, demoting, restarting)
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "updated_at": self.updated_at,
+            "ca_status": self.ca_status,
+            "ca_reason": self.ca_reason,
+            "ca_down_streak": self.ca_down_streak,
+            "cscfg_role": self.cscfg_role,
+            "cscfg_problem": self.cscfg_problem,
+            "master_agent": self.master_agent,
+            "ds_ok": self.ds_ok,
+            "ds_error": self.ds_error,
+            "replication": self.replication,
+            "replica_id": self.replica_id,
+            "max_csn": {str(k): v for k, v in self.max_csn.items()},
+            "watching": self.watching,
+            "watched_status": self.watched_status,
+            "watched_down_streak": self.watched_down_streak,
+            "busy": self.busy,
+        }
+
+    @classmethod
+    def from_payload(cls, name: str, p: Mapping[str, Any]) -> MemberState:
+        """Raises ValueError/TypeError/KeyError on a malformed payload (the record is then ignored)."""
+
+        def opt_str(k: str) -> str | None:
+            v = p.get(k)
+            if v is not None and not isinstance(v, str):
+                raise TypeError(f"{k} must be a string")
+            return v
+
+        def req(k: str, t: type) -> Any:
+            v = p[k]
+            if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+                raise TypeError(f"{k} must be {t.__name__}")
+            return v
+
+        csn = p.get("max_csn") or {}
+        if not isinstance(csn, dict):
+            raise TypeError("max_csn must be a mapping")
+        max_csn = {int(k): str(v) for k, v in csn.items() if isinstance(v, str) and len(v) == 20}
+        rid = p.get("replica_id")
+        if rid is not None and (not isinstance(rid, int) or isinstance(rid, bool)):
+            raise TypeError("replica_id must be an integer")
+        return cls(
+            name=name,
+            updated_at=float(req("updated_at", (int, float))),  # type: ignore[arg-type]
+            ca_status=req("ca_status", str),
+            ca_reason=opt_str("ca_reason"),
+            ca_down_streak=int(p.get("ca_down_streak", 0)),
+            cscfg_role=req("cscfg_role", str),
+            cscfg_problem=opt_str("cscfg_problem"),
+            master_agent=opt_str("master_agent"),
+            ds_ok=bool(req("ds_ok", bool)),
+            ds_error=opt_str("ds_error"),
+            replication=req("replication", str),
+            replica_id=rid,
+            max_csn=max_csn,
+            watching=opt_str("watching"),
+            watched_status=opt_str("watched_status"),
+            watched_down_streak=int(p.get("watched_down_streak", 0)),
+            busy=opt_str("busy"),
+        )
+
+
+@dataclass(frozen=True)
+class LeaderView:
+    name: str
+    epoch: int
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class ControlView:
+    paused: bool = False
+    switchover_target: str | None = None
+    switchover_kind: str | None = None  # "switchover" | "failover"
+    cooldown_ack_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    interval: float = 2.0
+    ttl: float = 30.0
+    safety_margin: float = 5.0
+    failure_threshold: int = 3
+    restart_before_failover: bool = True
+    maximum_lag: float = 60.0
+    failover_cooldown: float = 3600.0
+
+
+@dataclass(frozen=True)
+class LocalMemory:
+    """What this daemon remembers across cycles (kept by the loop, read by the policy)."""
+
+    seconds_since_renew: float | None = None  # monotonic age of my last successful renewal (None: never)
+    restarted_in_incident: bool = False  # RESTART_CA already tried since the CA was last healthy
+    previous_leader: str | None = None  # last master this node knew of
+    previous_leader_released: bool = False  # it released the key itself (stepped down) rather than expiring
+    leaderless_for: float = 0.0  # seconds the key has been seen free
+    last_failover_at: float | None = None  # wall clock of the last automatic failover (from history)
+    known_replica_ids: Mapping[str, int] = field(default_factory=dict)
+    epoch: int = 0  # highest epoch ever seen (0: no master ever)
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    now: float
+    me: str
+    policy: Policy
+    members: tuple[MemberConfig, ...]
+    local: MemberState  # this node, observed this cycle
+    records: Mapping[str, MemberState]  # fresh records of the others (and possibly my own previous one)
+    leader: LeaderView | None
+    control: ControlView
+    memory: LocalMemory
+    store_ok: bool = True
+    store_error: str | None = None
+    busy: str | None = None  # my long action in progress, if any
+    problems: tuple[str, ...] = ()  # unreadable or foreign store records, reported but ignored
+
+    def config_of(self, name: str) -> MemberConfig | None:
+        return next((m for m in self.members if m.name == name), None)
+
+    def state_of(self, name: str) -> MemberState | None:
+        if name == self.me:
+            return self.local
+        return self.records.get(name)

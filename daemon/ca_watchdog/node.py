@@ -1,0 +1,245 @@
+"""The local CA: promote, demote, restart, and the guard that runs before the CA starts.
+
+A daemon only ever changes its own CA. CS.cfg is written only while the CA is stopped; every
+step is recorded in the store's promotion journal before it is taken, so a daemon that dies
+halfway can tell on restart what it was doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from . import cscfg
+from .config import Settings, load_settings
+from .probes.agent import AgentProbe, AgentStatus
+from .service import ServiceControl, ServiceError, run_argv, service_for
+from .store import open_store
+from .store.base import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+Journal = Callable[[str], Awaitable[None]]
+
+
+class NodeError(RuntimeError):
+    """A local action failed; the message says which step and why."""
+
+
+@dataclass(frozen=True)
+class PromotionTimes:
+    stopped_at: float
+    written_at: float
+    started_at: float
+    running_at: float
+
+
+async def _no_journal(step: str) -> None:
+    return None
+
+
+class LocalCA:
+    def __init__(self, settings: Settings, service: ServiceControl, probe: AgentProbe) -> None:
+        self.settings = settings
+        self.service = service
+        self.probe = probe
+        self.path = settings.node.cs_cfg
+        self.url = settings.me.agent_url
+
+    async def status(self) -> AgentStatus:
+        return await self.probe.status(self.url)
+
+    async def stop(self) -> None:
+        t = self.settings.timing
+        try:
+            await self.service.stop(t.stop_timeout)
+        except ServiceError as exc:
+            raise NodeError(f"stopping {self.service.name}: {exc}") from exc
+        # systemctl stop returns when the unit is inactive; still make sure nothing answers
+        deadline = time.monotonic() + t.stop_timeout
+        while (st := await self.status()).status != "down":
+            if time.monotonic() > deadline:
+                raise NodeError(f"{self.service.name} still answers ({st.status}) after stop")
+            await asyncio.sleep(0.2)
+
+    async def start(self) -> None:
+        try:
+            await self.service.start(self.settings.timing.start_timeout)
+        except ServiceError as exc:
+            raise NodeError(f"starting {self.service.name}: {exc}") from exc
+
+    async def wait_running(self) -> AgentStatus:
+        """Poll getStatus until running (Type=simple units return before the CA is ready)."""
+        deadline = time.monotonic() + self.settings.timing.start_timeout
+        while True:
+            st = await self.status()
+            if st.status == "running":
+                return st
+            if time.monotonic() > deadline:
+                raise NodeError(
+                    f"CA not running {self.settings.timing.start_timeout:g}s after start ({st.status}: {st.reason})"
+                )
+            await asyncio.sleep(0.2)
+
+    def read(self) -> cscfg.CSCfg:
+        return cscfg.read_cscfg(self.path)
+
+    def _write(self, before: cscfg.CSCfg, after: cscfg.CSCfg) -> None:
+        if after.render() == before.render():
+            return
+        result = cscfg.write_cscfg(after, self.path, expected=before.render())
+        log.info(
+            "wrote %s (%s changed; backup %s)", result.path, ", ".join(cscfg.changed_role_keys(before, after)), result.backup
+        )
+
+    async def restart(self, journal: Journal = _no_journal) -> AgentStatus:
+        await journal("restart: stopping")
+        await self.stop()
+        await journal("restart: starting")
+        await self.start()
+        return await self.wait_running()
+
+    async def promote(self, crl_block: Sequence[str] | None, journal: Journal = _no_journal) -> PromotionTimes:
+        """Stop, write the master CS.cfg, start, wait for running, verify with getInfo."""
+        await journal("promote: stopping")
+        await self.stop()
+        stopped = time.time()
+        before = self.read()
+        report = cscfg.classify(before)
+        if report.role is cscfg.Role.INCONSISTENT:
+            raise NodeError(f"CS.cfg is inconsistent ({'; '.join(report.problems)}); not promoting")
+        if report.role is not cscfg.Role.MASTER:
+            block = list(crl_block) if crl_block else before.crl_lines()
+            if not crl_block:
+                log.warning("no ca.crl. block published by the old master; promoting with this clone's own block")
+            await journal("promote: writing CS.cfg")
+            self._write(before, cscfg.promote(before, block, origin="the master's published ca.crl. block"))
+        written = time.time()
+        await journal("promote: starting")
+        await self.start()
+        started = time.time()
+        await self.wait_running()
+        running = time.time()
+        info = await self.probe.info(self.url)
+        if not info.ok:
+            raise NodeError(f"getInfo failed after promotion: {info.error}")
+        if info.master_host:
+            raise NodeError(f"getInfo still names master_host {info.master_host}: the CA did not load the master CS.cfg")
+        return PromotionTimes(stopped, written, started, running)
+
+    async def demote(self, new_master: str, start: bool, journal: Journal = _no_journal) -> None:
+        """Stop (if needed), write the clone CS.cfg pointing at new_master, and start again if asked."""
+        member = self.settings.member(new_master)
+        before = self.read()
+        after = cscfg.demote(before, member.agent_host, member.agent_port)
+        role = cscfg.classify(before).role
+        needs_write = after.render() != before.render()
+        status = await self.status()
+        if needs_write or role is not cscfg.Role.CLONE:
+            if status.status != "down":
+                await journal(f"demote: stopping (new master {new_master})")
+                await self.stop()
+            await journal(f"demote: writing CS.cfg (new master {new_master})")
+            self._write(before, after)
+            status = await self.status()
+        if start and status.status == "down":
+            await journal(f"demote: starting as clone of {new_master}")
+            await self.start()
+
+    async def fence(self, successor: str | None, journal: Journal = _no_journal) -> None:
+        """Stop the CA now; make CS.cfg a clone's (of the best guess) so nothing restarts it as master."""
+        await journal("self-fence: stopping")
+        await self.stop()
+        if successor is not None:
+            await self.demote(successor, start=False, journal=journal)
+
+
+async def run_fence_command(argv: Sequence[str], old_master: str, timeout: float) -> None:
+    rc, out = await run_argv([*argv, old_master], timeout)
+    if rc != 0:
+        raise NodeError(f"fence_command failed for {old_master} ({rc}): {out[-300:]}")
+
+
+# ---- the guard (ExecStartPre of pki-tomcatd@) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    changed: bool
+    message: str
+
+
+async def guard(settings: Settings, store: Store | None) -> GuardResult:
+    """Make the local CS.cfg agree with the store before the CA starts.
+
+    Master only if this node holds the leader key; otherwise a clone of the current master.
+    Store unreachable: clone (no CRL generation is the safe side). Bootstrap (no master ever):
+    CS.cfg is left as it is, because it is what the daemons bootstrap from.
+    """
+    me = settings.node.name
+    before = cscfg.read_cscfg(settings.node.cs_cfg)
+    role = cscfg.classify(before).role
+    leader_name: str | None = None
+    try:
+        if store is None:
+            raise StoreUnavailable("no store")
+        leader = await store.get_leader()
+        leader_name = leader.name if leader else None
+        epoch = await store.get_epoch()
+        if leader_name is None and epoch == 0:
+            return GuardResult(False, f"bootstrap (no master yet): CS.cfg left as {role.value}")
+        if leader_name == me:
+            return GuardResult(False, f"{me} holds the leader key: CS.cfg left as {role.value}")
+        if leader_name is None:
+            history = await store.get_history(20)
+            previous = next((e.event.get("name") for e in reversed(history) if e.event.get("type") == "acquired"), None)
+            target = previous if isinstance(previous, str) and previous != me else _fallback_master(settings)
+            why = "no master holds the key"
+        else:
+            target, why = leader_name, f"{leader_name} holds the leader key"
+    except StoreUnavailable as exc:
+        target, why = (_fallback_master(settings), f"store unreachable ({exc})")
+    if target is None:
+        return GuardResult(False, f"{why}; no other member to point at: CS.cfg left as {role.value}")
+    member = settings.member(target)
+    after = cscfg.demote(before, member.agent_host, member.agent_port)
+    if after.render() == before.render():
+        return GuardResult(False, f"{why}: CS.cfg already a clone of {target}")
+    result = cscfg.write_cscfg(after, settings.node.cs_cfg, expected=before.render())
+    return GuardResult(True, f"{why}: CS.cfg was {role.value}, now a clone of {target} (backup {result.backup})")
+
+
+def _fallback_master(settings: Settings) -> str | None:
+    others = sorted((m for m in settings.members if m.name != settings.node.name), key=lambda m: (-m.priority, m.name))
+    return others[0].name if others else None
+
+
+async def _guard_main(settings: Settings) -> GuardResult:
+    t = settings.timing
+    try:
+        store: Store | None = open_store(settings.store, [m.name for m in settings.members], t.store_timeout)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot open the store: %s", exc)
+        store = None
+    try:
+        return await guard(settings, store)
+    finally:
+        if store is not None:
+            await store.close()
+
+
+def cli_guard(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    if args.instance and args.instance not in settings.node.service:
+        print(f"ca-watchdog guard: note: instance {args.instance!r} is not in node.service {settings.node.service!r}")
+    try:
+        result = asyncio.run(_guard_main(settings))
+    except cscfg.CSCfgWriteError as exc:
+        print(f"ca-watchdog guard: {exc}; refusing to let the CA start")
+        return 1
+    print(f"ca-watchdog guard: {result.message}")
+    return 0

@@ -1,0 +1,90 @@
+"""Starting and stopping the local CA: systemd (systemctl) or configured commands.
+
+Argument lists only, never a shell; every call has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .config import NodeSettings
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+class ServiceControl(Protocol):
+    name: str
+
+    async def start(self, timeout: float) -> None: ...
+
+    async def stop(self, timeout: float) -> None: ...
+
+
+async def run_argv(argv: Sequence[str], timeout: float) -> tuple[int, str]:
+    """Run argv, return (exit status, combined output); a timeout kills it and raises ServiceError."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except (TimeoutError, asyncio.CancelledError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 5)
+        raise ServiceError(f"{argv[0]} did not finish within {timeout:g}s") from None
+    return proc.returncode or 0, out.decode("utf-8", "replace").strip()
+
+
+@dataclass
+class SystemdService:
+    unit: str
+
+    @property
+    def name(self) -> str:
+        return self.unit
+
+    async def _ctl(self, verb: str, timeout: float) -> None:
+        rc, out = await run_argv(["systemctl", verb, self.unit], timeout)
+        if rc != 0:
+            raise ServiceError(f"systemctl {verb} {self.unit} failed ({rc}): {out[-300:]}")
+
+    async def start(self, timeout: float) -> None:
+        await self._ctl("start", timeout)
+
+    async def stop(self, timeout: float) -> None:
+        await self._ctl("stop", timeout)
+
+
+@dataclass
+class CommandService:
+    start_argv: tuple[str, ...]
+    stop_argv: tuple[str, ...]
+    label: str = "local CA"
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    async def _run(self, argv: Sequence[str], verb: str, timeout: float) -> None:
+        rc, out = await run_argv(argv, timeout)
+        if rc != 0:
+            raise ServiceError(f"{verb} command {argv[0]} failed ({rc}): {out[-300:]}")
+
+    async def start(self, timeout: float) -> None:
+        await self._run(self.start_argv, "start", timeout)
+
+    async def stop(self, timeout: float) -> None:
+        await self._run(self.stop_argv, "stop", timeout)
+
+
+def service_for(node: NodeSettings) -> ServiceControl:
+    if node.service_control == "command":
+        return CommandService(node.start_command, node.stop_command, node.service)
+    return SystemdService(node.service)
