@@ -6,12 +6,12 @@ unknown keys are errors, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 DEFAULT_CONFIG_PATH = "/etc/ca-watchdog/config.toml"
@@ -149,177 +149,210 @@ def read_secret(path: str | None) -> str | None:
     return p.read_text(encoding="utf-8").rstrip("\r\n")
 
 
-T = TypeVar("T")
-
-
 class _Table:
     """Reads one TOML table, remembering which keys were consumed to reject the rest."""
 
     def __init__(self, source: str, path: str, data: Any) -> None:
         if not isinstance(data, dict):
             raise ConfigError(source, path or None, f"must be a table, not {type(data).__name__}")
-        self.source, self.path, self.data = source, path, data
+        self.source, self.path = source, path
+        self.data: dict[str, Any] = data
         self.used: set[str] = set()
 
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
-    def _get(self, name: str, kind: type[T] | tuple[type, ...], what: str, required: bool, default: Any) -> Any:
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), message)
+
+    def _get(self, name: str, kind: type | tuple[type, ...], what: str, required: bool, default: Any) -> Any:
         self.used.add(name)
         if name not in self.data:
             if required:
-                raise ConfigError(self.source, self.key(name), "is required")
+                raise self.error(name, "is required")
             return default
         v = self.data[name]
-        if isinstance(v, bool) and kind is not bool and (not isinstance(kind, tuple) or bool not in kind):
-            raise ConfigError(self.source, self.key(name), f"must be {what}, not a boolean")
-        if not isinstance(v, kind):
-            raise ConfigError(self.source, self.key(name), f"must be {what}, not {type(v).__name__} {v!r}")
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(v, bool) and bool not in kinds:  # TOML true is not 1
+            raise self.error(name, f"must be {what}, not a boolean")
+        if not isinstance(v, kinds):
+            raise self.error(name, f"must be {what}, not {type(v).__name__} {v!r}")
         return v
 
-    def str(self, name: str, default: str | None = None, required: bool = False) -> Any:
-        v = self._get(name, str, "a string", required, default)
-        if v is not None and isinstance(v, str) and not v.strip():
-            raise ConfigError(self.source, self.key(name), "must not be empty")
+    def opt_text(self, name: str, default: str | None = None) -> str | None:
+        v: str | None = self._get(name, str, "a string", False, default)
+        if v is not None and not v.strip():
+            raise self.error(name, "must not be empty")
+        return v
+
+    def text(self, name: str, default: str | None = None) -> str:
+        """A string that must be there: required when default is None."""
+        v: str = self._get(name, str, "a string", default is None, default)
+        if not v.strip():
+            raise self.error(name, "must not be empty")
         return v
 
     def num(self, name: str, default: float, minimum: float = 0.0, exclusive: bool = True) -> float:
         v = float(self._get(name, (int, float), "a number", False, default))
+        if not math.isfinite(v):  # TOML allows inf and nan; no timing can be either
+            raise self.error(name, f"must be a finite number, not {v}")
         if v < minimum or (exclusive and v == minimum):
-            raise ConfigError(self.source, self.key(name), f"must be {'>' if exclusive else '>='} {minimum:g}, not {v:g}")
+            raise self.error(name, f"must be {'>' if exclusive else '>='} {minimum:g}, not {v:g}")
         return v
 
-    def int(self, name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
+    def integer(self, name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
         v: int = self._get(name, int, "an integer", False, default)
         if v < minimum or (maximum is not None and v > maximum):
             rng = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise ConfigError(self.source, self.key(name), f"must be {rng}, not {v}")
+            raise self.error(name, f"must be {rng}, not {v}")
         return v
 
-    def bool(self, name: str, default: bool) -> bool:
+    def boolean(self, name: str, default: bool) -> bool:
         v: bool = self._get(name, bool, "true or false", False, default)
         return v
 
     def argv(self, name: str) -> tuple[str, ...]:
-        v = self._get(name, list, "a list of strings (an argv, no shell)", False, [])
+        v: list[Any] = self._get(name, list, "a list of strings (an argv, no shell)", False, [])
         if not all(isinstance(a, str) and a for a in v):
-            raise ConfigError(self.source, self.key(name), "must be a list of non-empty strings (an argv, no shell)")
-        return tuple(v)
+            raise self.error(name, "must be a list of non-empty strings (an argv, no shell)")
+        return tuple(str(a) for a in v)
 
-    def choice(self, name: str, choices: tuple[str, ...], default: str) -> Any:
-        v = self.str(name, default)
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        v = self.text(name, default)
         if v not in choices:
-            raise ConfigError(self.source, self.key(name), f"must be one of {', '.join(choices)}, not {v!r}")
+            raise self.error(name, f"must be one of {', '.join(choices)}, not {v!r}")
         return v
 
     def sub(self, name: str, required: bool = False) -> _Table | None:
         self.used.add(name)
         if name not in self.data:
             if required:
-                raise ConfigError(self.source, self.key(name), "is required")
+                raise self.error(name, "is required")
             return None
         return _Table(self.source, self.key(name), self.data[name])
 
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            raise ConfigError(self.source, self.key(unknown[0]), "unknown key")
+            raise self.error(unknown[0], "unknown key")
 
 
-def _url(t: _Table, name: str, schemes: tuple[str, ...], required: bool = True) -> Any:
-    v = t.str(name, required=required)
-    if v is None:
-        return None
+def _check_url(t: _Table, name: str, v: str, schemes: tuple[str, ...]) -> str:
     u = urlsplit(v)
     if u.scheme not in schemes or not u.hostname:
-        raise ConfigError(t.source, t.key(name), f"must be a {'/'.join(schemes)} URL with a host, not {v!r}")
+        raise t.error(name, f"must be a {'/'.join(schemes)} URL with a host, not {v!r}")
     try:
         u.port  # noqa: B018  (raises on a bad port)
     except ValueError as exc:
-        raise ConfigError(t.source, t.key(name), f"bad port in {v!r}") from exc
+        raise t.error(name, f"bad port in {v!r}") from exc
     return v
 
 
-def _file(t: _Table, name: str, must_exist: bool) -> Any:
-    v = t.str(name)
-    if v is not None and must_exist and not os.path.exists(v):
-        raise ConfigError(t.source, t.key(name), f"file {v!r} does not exist")
+def _url(t: _Table, name: str, schemes: tuple[str, ...]) -> str:
+    return _check_url(t, name, t.text(name), schemes)
+
+
+def _opt_url(t: _Table, name: str, schemes: tuple[str, ...]) -> str | None:
+    v = t.opt_text(name)
+    return None if v is None else _check_url(t, name, v, schemes)
+
+
+def _file(t: _Table, name: str, must_exist: bool, credential: bool = False) -> str | None:
+    v = t.opt_text(name)
+    # a bare credential name is looked up in $CREDENTIALS_DIRECTORY at run time (read_secret)
+    if v is not None and must_exist and not (credential and not os.path.isabs(v)) and not os.path.exists(v):
+        raise t.error(name, f"file {v!r} does not exist")
     return v
 
 
 def _node(t: _Table, check_files: bool) -> NodeSettings:
     control = t.choice("service_control", ("systemd", "command"), "systemd")
     n = NodeSettings(
-        name=t.str("name", required=True),
-        cs_cfg=t.str("cs_cfg", "/etc/pki/pki-tomcat/ca/CS.cfg"),
-        service=t.str("service", "pki-tomcatd@pki-tomcat.service"),
-        service_control=control,
+        name=t.text("name"),
+        cs_cfg=t.text("cs_cfg", "/etc/pki/pki-tomcat/ca/CS.cfg"),
+        service=t.text("service", "pki-tomcatd@pki-tomcat.service"),
+        service_control=cast(Literal["systemd", "command"], control),
         start_command=t.argv("start_command"),
         stop_command=t.argv("stop_command"),
-        ldap_bind_dn=t.str("ldap_bind_dn", "cn=Directory Manager"),
-        ldap_password_file=t.str("ldap_password_file"),
+        ldap_bind_dn=t.text("ldap_bind_dn", "cn=Directory Manager"),
+        ldap_password_file=_file(t, "ldap_password_file", check_files, credential=True),
     )
-    if control == "command" and not (n.start_command and n.stop_command):
-        raise ConfigError(t.source, t.key("start_command"), 'service_control = "command" needs start_command and stop_command')
+    if control == "command" and not n.start_command:
+        raise t.error("start_command", 'service_control = "command" needs start_command and stop_command')
+    if control == "command" and not n.stop_command:
+        raise t.error("stop_command", 'service_control = "command" needs start_command and stop_command')
     if check_files and not os.path.exists(n.cs_cfg):
-        raise ConfigError(t.source, t.key("cs_cfg"), f"file {n.cs_cfg!r} does not exist")
+        raise t.error("cs_cfg", f"file {n.cs_cfg!r} does not exist")
     t.done()
     return n
 
 
 def _members(source: str, data: Any) -> tuple[MemberSettings, ...]:
     if not isinstance(data, list) or not data:
-        raise ConfigError(source, "cluster.members", "must be a non-empty array of tables ([[cluster.members]])")
+        raise ConfigError(
+            source, "cluster.members", "must be a non-empty array of tables ([[cluster.members]])"
+        )
     out: list[MemberSettings] = []
     for i, raw in enumerate(data):
         t = _Table(source, f"cluster.members[{i}]", raw)
         m = MemberSettings(
-            name=t.str("name", required=True),
+            name=t.text("name"),
             agent_url=_url(t, "agent_url", ("https", "http")),
             ldap_url=_url(t, "ldap_url", ("ldap", "ldaps")),
-            api_url=_url(t, "api_url", ("https", "http"), required=False),
-            priority=t.int("priority", 100, minimum=0, maximum=1_000_000),
-            nofailover=t.bool("nofailover", False),
+            api_url=_opt_url(t, "api_url", ("https", "http")),
+            priority=t.integer("priority", 100, minimum=0, maximum=1_000_000),
+            nofailover=t.boolean("nofailover", False),
         )
         t.done()
         if any(o.name == m.name for o in out):
-            raise ConfigError(source, t.key("name"), f"duplicate member name {m.name!r}")
+            raise t.error("name", f"duplicate member name {m.name!r}")
         out.append(m)
     return tuple(out)
 
 
-def _store(t: _Table | None) -> StoreSettings:
+def _store(t: _Table | None, check_files: bool) -> StoreSettings:
     if t is None:
         return StoreSettings()
     backend = t.choice("backend", ("sqlite", "etcd"), "sqlite")
-    path = t.str("path", StoreSettings.path)
+    path = t.text("path", StoreSettings.path)
     e = t.sub("etcd", required=backend == "etcd")
     etcd = None
     if e is not None:
-        eps = e._get("endpoints", list, "a list of URLs", True, None)
+        eps: list[Any] = e._get("endpoints", list, "a list of URLs", True, None)
         if not eps or not all(isinstance(x, str) for x in eps):
-            raise ConfigError(e.source, e.key("endpoints"), "must be a non-empty list of URLs")
+            raise e.error("endpoints", "must be a non-empty list of URLs")
         for x in eps:
             u = urlsplit(x)
             if u.scheme not in ("http", "https") or not u.hostname:
-                raise ConfigError(e.source, e.key("endpoints"), f"{x!r} is not an http(s) URL")
-        prefix = e.str("prefix", "/ca-watchdog/")
+                raise e.error("endpoints", f"{x!r} is not an http(s) URL")
+            try:
+                u.port  # noqa: B018  (raises on a bad port)
+            except ValueError as exc:
+                raise e.error("endpoints", f"bad port in {x!r}") from exc
+        prefix = e.text("prefix", "/ca-watchdog/")
         if not prefix.startswith("/") or not prefix.endswith("/"):
-            raise ConfigError(e.source, e.key("prefix"), f"must start and end with '/', not {prefix!r}")
+            raise e.error("prefix", f"must start and end with '/', not {prefix!r}")
         etcd = EtcdSettings(
-            endpoints=tuple(eps),
+            endpoints=tuple(str(x) for x in eps),
             prefix=prefix,
-            ca_file=e.str("ca_file"),
-            cert_file=e.str("cert_file"),
-            key_file=e.str("key_file"),
-            username=e.str("username"),
-            password_file=e.str("password_file"),
+            ca_file=_file(e, "ca_file", check_files),
+            cert_file=_file(e, "cert_file", check_files),
+            key_file=_file(e, "key_file", check_files),
+            username=e.opt_text("username"),
+            password_file=_file(e, "password_file", check_files, credential=True),
         )
         if (etcd.cert_file is None) != (etcd.key_file is None):
-            raise ConfigError(e.source, e.key("cert_file"), "cert_file and key_file go together")
+            raise e.error(
+                "cert_file" if etcd.cert_file is None else "key_file", "cert_file and key_file go together"
+            )
+        if (etcd.username is None) != (etcd.password_file is None):
+            raise e.error(
+                "username" if etcd.username is None else "password_file",
+                "username and password_file go together",
+            )
         e.done()
     t.done()
-    return StoreSettings(backend=backend, path=path, etcd=etcd)
+    return StoreSettings(backend=cast(Literal["sqlite", "etcd"], backend), path=path, etcd=etcd)
 
 
 def _timing(t: _Table | None) -> TimingSettings:
@@ -331,7 +364,7 @@ def _timing(t: _Table | None) -> TimingSettings:
         agent_timeout=t.num("agent_timeout", d.agent_timeout),
         ldap_timeout=t.num("ldap_timeout", d.ldap_timeout),
         store_timeout=t.num("store_timeout", d.store_timeout),
-        failure_threshold=t.int("failure_threshold", d.failure_threshold, minimum=1, maximum=100),
+        failure_threshold=t.integer("failure_threshold", d.failure_threshold, minimum=1, maximum=100),
         ttl=t.num("ttl", d.ttl),
         safety_margin=t.num("safety_margin", d.safety_margin),
         start_timeout=t.num("start_timeout", d.start_timeout),
@@ -346,7 +379,7 @@ def _failover(t: _Table | None) -> FailoverSettings:
         return FailoverSettings()
     d = FailoverSettings()
     s = FailoverSettings(
-        restart_before_failover=t.bool("restart_before_failover", d.restart_before_failover),
+        restart_before_failover=t.boolean("restart_before_failover", d.restart_before_failover),
         maximum_lag=t.num("maximum_lag", d.maximum_lag, exclusive=False),
         failover_cooldown=t.num("failover_cooldown", d.failover_cooldown, exclusive=False),
         fence_command=t.argv("fence_command"),
@@ -355,17 +388,18 @@ def _failover(t: _Table | None) -> FailoverSettings:
     return s
 
 
-def _pair(t: _Table, build: Callable[..., T], check_files: bool, *names: str) -> T:
-    values = {n.removesuffix("_file") + "_file": _file(t, n, check_files) for n in names}
-    return build(**values)
-
-
 def _tls(t: _Table | None, check_files: bool) -> TLSSettings:
     if t is None:
         return TLSSettings()
-    s = _pair(t, TLSSettings, check_files, "ca_file", "cert_file", "key_file")
+    s = TLSSettings(
+        ca_file=_file(t, "ca_file", check_files),
+        cert_file=_file(t, "cert_file", check_files),
+        key_file=_file(t, "key_file", check_files),
+    )
     if (s.cert_file is None) != (s.key_file is None):
-        raise ConfigError(t.source, t.key("cert_file"), "cert_file and key_file go together")
+        raise t.error(
+            "cert_file" if s.cert_file is None else "key_file", "cert_file and key_file go together"
+        )
     t.done()
     return s
 
@@ -374,14 +408,19 @@ def _api(t: _Table | None, check_files: bool) -> APISettings:
     if t is None:
         return APISettings()
     d = APISettings()
-    host = t.str("listen_host", d.listen_host)
-    port = t.int("listen_port", d.listen_port, minimum=1, maximum=65535)
-    files = _pair(t, dict, check_files, "cert_file", "key_file", "client_ca_file")
-    s = APISettings(listen_host=host, listen_port=port, **files)
+    s = APISettings(
+        listen_host=t.text("listen_host", d.listen_host),
+        listen_port=t.integer("listen_port", d.listen_port, minimum=1, maximum=65535),
+        cert_file=_file(t, "cert_file", check_files),
+        key_file=_file(t, "key_file", check_files),
+        client_ca_file=_file(t, "client_ca_file", check_files),
+    )
     if (s.cert_file is None) != (s.key_file is None):
-        raise ConfigError(t.source, t.key("cert_file"), "cert_file and key_file go together")
+        raise t.error(
+            "cert_file" if s.cert_file is None else "key_file", "cert_file and key_file go together"
+        )
     if s.client_ca_file and not s.cert_file:
-        raise ConfigError(t.source, t.key("client_ca_file"), "needs cert_file and key_file (client certificates need TLS)")
+        raise t.error("client_ca_file", "needs cert_file and key_file (client certificates need TLS)")
     t.done()
     return s
 
@@ -400,7 +439,7 @@ def parse_settings(data: dict[str, Any], source: str = "<config>", check_files: 
         source=source,
         node=node,
         members=members,
-        store=_store(root.sub("store")),
+        store=_store(root.sub("store"), check_files),
         timing=_timing(root.sub("timing")),
         failover=_failover(root.sub("failover")),
         tls=_tls(root.sub("tls"), check_files),
@@ -408,21 +447,25 @@ def parse_settings(data: dict[str, Any], source: str = "<config>", check_files: 
     )
     root.done()
     if not any(m.name == node.name for m in members):
-        raise ConfigError(source, "node.name", f"{node.name!r} is not one of cluster.members ({', '.join(m.name for m in members)})")
+        names = ", ".join(m.name for m in members)
+        raise ConfigError(source, "node.name", f"{node.name!r} is not one of cluster.members ({names})")
     t = settings.timing
     if not t.interval + 2 * t.store_timeout < t.ttl:
         raise ConfigError(
             source,
             "timing.ttl",
-            f"interval + 2*store_timeout must be < ttl ({t.interval:g} + 2*{t.store_timeout:g} >= {t.ttl:g}): "
+            f"interval + 2*store_timeout must be < ttl "
+            f"({t.interval:g} + 2*{t.store_timeout:g} >= {t.ttl:g}): "
             "the master could lose its lease between two renewals",
         )
     if not t.safety_margin < t.ttl - t.interval:
-        raise ConfigError(source, "timing.safety_margin", f"must be < ttl - interval ({t.ttl - t.interval:g})")
-    if t.agent_timeout >= t.ttl or t.ldap_timeout >= t.ttl:
-        raise ConfigError(source, "timing.agent_timeout", "probe timeouts must be shorter than ttl")
-    if settings.store.backend == "sqlite" and not settings.store.path:
-        raise ConfigError(source, "store.path", "is required for the sqlite store")
+        raise ConfigError(
+            source, "timing.safety_margin", f"must be < ttl - interval ({t.ttl - t.interval:g})"
+        )
+    for name, value in (("agent_timeout", t.agent_timeout), ("ldap_timeout", t.ldap_timeout)):
+        if value >= t.ttl:
+            # a probe that outlives the lease cannot tell a live master from a dead one in time
+            raise ConfigError(source, f"timing.{name}", f"must be shorter than ttl ({value:g} >= {t.ttl:g})")
     return settings
 
 

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -31,8 +32,12 @@ BACKUP_SUFFIX = ".ca-watchdog"
 BACKUPS_KEPT = 5
 
 _LINE = re.compile(r"[^\n]*\n|[^\n]+")
-# ca.crl.<id>.<anything>: <id> must not start with "_" (ca.crl._000 comment keys are leaves anyway)
-_ISSUING_POINT_KEY = re.compile(r"^ca\.crl\.([^._][^.]*)\.(.+)$")
+# ca.crl.<id>.<anything>: Dogtag loads every sub-store under ca.crl, whatever its name (an id may
+# start with "_"); leaves such as ca.crl.pageSize and ca.crl._000 have no second dot.
+_ISSUING_POINT_KEY = re.compile(r"^ca\.crl\.([^.]*)\.(.+)$")
+# what Java's Integer.parseInt accepts (str.isdigit would also take "²" and "٣")
+_JAVA_INT = re.compile(r"[+-]?[0-9]+")
+_POSITIVE_INT = re.compile(r"[1-9][0-9]{0,8}")
 
 
 class CSCfgError(ValueError):
@@ -47,7 +52,10 @@ class CSCfgError(ValueError):
 
 
 class CSCfgWriteError(OSError):
-    """Writing failed; the original file is unchanged."""
+    """Writing failed. `original_intact` is False only when the new file is already in place but
+    could not be made durable (the directory fsync failed after the rename)."""
+
+    original_intact: bool = True
 
 
 class Role(StrEnum):
@@ -109,7 +117,9 @@ class CSCfg:
 
     def crl_lines(self) -> list[str]:
         """The `ca.crl.` block as `key=value` texts, without line endings (what the master publishes)."""
-        return [_body(line.raw) for line in self.lines if line.key is not None and line.key.startswith(CRL_PREFIX)]
+        return [
+            _body(line.raw) for line in self.lines if line.key is not None and line.key.startswith(CRL_PREFIX)
+        ]
 
     def render(self) -> bytes:
         return "".join(line.raw for line in self.lines).encode("utf-8")
@@ -127,6 +137,12 @@ def _body(raw: str) -> str:
 
 def _parse_line(path: str, lineno: int, raw: str) -> Line:
     body = _body(raw)
+    content = raw.removesuffix("\n").removesuffix("\r") if raw.endswith("\n") else raw
+    if "\r" in content:
+        # Java and Python readers end a line at a lone CR; we would see one line where Dogtag sees two
+        raise CSCfgError(
+            path, lineno, "carriage return inside the line (a lone CR is a line break to Dogtag)"
+        )
     stripped = body.strip()
     if not stripped or stripped.startswith("#"):
         return Line(raw)
@@ -137,19 +153,28 @@ def _parse_line(path: str, lineno: int, raw: str) -> Line:
     if not key.strip():
         raise CSCfgError(path, lineno, "empty key before '='")
     if key != key.rstrip() or any(c.isspace() for c in key):
-        raise CSCfgError(path, lineno, f"whitespace in key {key.strip()!r} (Dogtag would split the key there)")
+        raise CSCfgError(
+            path, lineno, f"whitespace in key {key.strip()!r} (Dogtag would split the key there)"
+        )
+    java_key = key.split(":", 1)[0]
+    if java_key != key and (is_role_key(key) or is_role_key(java_key)):
+        # Java's reader ends the key at ':'; never guess which of the two keys Dogtag would see
+        raise CSCfgError(path, lineno, f"':' in key {key!r} (Dogtag would read the key {java_key!r})")
     if (len(value) - len(value.rstrip("\\"))) % 2 == 1:
-        raise CSCfgError(path, lineno, f"continuation line (value of {key!r} ends in a backslash) is not supported")
+        raise CSCfgError(
+            path, lineno, f"continuation line (value of {key!r} ends in a backslash) is not supported"
+        )
     return Line(raw, key, value)
 
 
 def parse(text: str | bytes, path: str = "<CS.cfg>") -> CSCfg:
     """Parse CS.cfg text. Raises CSCfgError naming the file and line on any malformed line."""
     if isinstance(text, bytes):
+        data = text
         try:
-            text = text.decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            lineno = text[: exc.start].count(b"\n") + 1
+            lineno = data[: exc.start].count(b"\n") + 1
             raise CSCfgError(path, lineno, "not valid UTF-8") from exc
     if "\x00" in text:
         raise CSCfgError(path, text[: text.index("\x00")].count("\n") + 1, "NUL byte (binary file?)")
@@ -233,15 +258,17 @@ def classify(cfg: CSCfg) -> RoleReport:
     raw_interval = cfg.get(KEY_STATUS_INTERVAL)
     if raw_interval is None:
         interval = DEFAULT_STATUS_INTERVAL
+    elif _JAVA_INT.fullmatch(raw_interval.strip()):
+        interval = int(raw_interval.strip())
+        if interval < 0:
+            problems.append(f"{KEY_STATUS_INTERVAL}={interval} is negative")
     else:
-        try:
-            interval = int(raw_interval.strip())
-        except ValueError:
-            interval = None
-            problems.append(f"{KEY_STATUS_INTERVAL}={raw_interval!r} is not an integer")
+        interval = None
+        problems.append(f"{KEY_STATUS_INTERVAL}={raw_interval!r} is not an integer")
     listen = _bool(cfg, KEY_LISTEN_CLONES, False, problems)
-    host = cfg.get(KEY_MASTER_HOST) or None
-    port = cfg.get(KEY_MASTER_PORT) or None
+    # the servlets test for non-empty values; whitespace after '=' is skipped by Dogtag's readers
+    host = (cfg.get(KEY_MASTER_HOST) or "").strip() or None
+    port = (cfg.get(KEY_MASTER_PORT) or "").strip() or None
 
     if not cfg.issuing_points():
         problems.append("no CRL issuing point (no ca.crl.<id>.* keys)")
@@ -260,20 +287,26 @@ def classify(cfg: CSCfg) -> RoleReport:
     if not problems and points:
         if len(generating) == len(points):
             if interval == 0:
-                problems.append(f"CRL master with {KEY_STATUS_INTERVAL}=0 (the clone-modification listener cannot run)")
+                problems.append(
+                    f"CRL master with {KEY_STATUS_INTERVAL}=0 (the clone-modification listener cannot run)"
+                )
             else:
                 role = Role.MASTER
                 if not listen:
                     warnings.append(
-                        f"{KEY_LISTEN_CLONES} is false: revocations made on clones reach the CRL only at a full update"
+                        f"{KEY_LISTEN_CLONES} is false: revocations made on clones reach the CRL "
+                        "only at a full update"
                     )
                 if host and port:
                     warnings.append(
-                        f"{KEY_MASTER_HOST}/{KEY_MASTER_PORT} are set: getInfo and displayCRL answer as a clone would"
+                        f"{KEY_MASTER_HOST}/{KEY_MASTER_PORT} are set: getInfo and displayCRL "
+                        "answer as a clone would"
                     )
         elif len(quiet) == len(points):
             if interval != 0:
-                problems.append(f"clone runs the certificate status task ({KEY_STATUS_INTERVAL}={interval}, expected 0)")
+                problems.append(
+                    f"clone runs the certificate status task ({KEY_STATUS_INTERVAL}={interval}, expected 0)"
+                )
             if listen:
                 problems.append(f"clone has {KEY_LISTEN_CLONES}=true")
             if not problems:
@@ -328,7 +361,10 @@ def _crl_block(master_crl_lines: Sequence[str], newline: str, origin: str) -> li
     """Parse the published ca.crl. block and force CRL generation on in every issuing point."""
     block: list[Line] = []
     for n, text in enumerate(master_crl_lines, 1):
-        line = _parse_line(origin, n, text.rstrip("\r\n") + newline)
+        body = text.removesuffix("\n").removesuffix("\r")
+        if "\n" in body or "\r" in body:
+            raise CSCfgError(origin, n, "line break inside one line of the ca.crl. block")
+        line = _parse_line(origin, n, body + newline)
         if line.key is None:
             continue
         if not line.key.startswith(CRL_PREFIX):
@@ -346,7 +382,9 @@ def _crl_block(master_crl_lines: Sequence[str], newline: str, origin: str) -> li
             if probe.get(key) is None:
                 # keep the forced flag inside the block, after the issuing point's last line,
                 # so a second promote with the same block gives the same bytes
-                last = max(i for i, line in enumerate(block) if line.key and line.key.startswith(f"ca.crl.{ip}."))
+                last = max(
+                    i for i, line in enumerate(block) if line.key and line.key.startswith(f"ca.crl.{ip}.")
+                )
                 block.insert(last + 1, Line(f"{key}=true{newline}", key, "true"))
             else:
                 _set(block, key, "true", newline)
@@ -373,7 +411,9 @@ def promote(clone: CSCfg, master_crl_lines: Sequence[str], origin: str = "<maste
             lines[-1] = Line(lines[-1].raw + nl, lines[-1].key, lines[-1].value)
         lines[first:first] = block
     interval = clone.get(KEY_STATUS_INTERVAL)
-    if interval is None or not interval.strip().isdigit() or int(interval) == 0:
+    # keep an admin's own positive interval only when Dogtag reads it unambiguously; 0 would stop
+    # the clone-modification listener
+    if interval is None or not _POSITIVE_INT.fullmatch(interval):
         _set(lines, KEY_STATUS_INTERVAL, str(DEFAULT_STATUS_INTERVAL), nl)
     _set(lines, KEY_LISTEN_CLONES, "true", nl)
     _delete(lines, KEY_MASTER_HOST)
@@ -388,9 +428,13 @@ def demote(master: CSCfg, new_master_host: str, new_master_port: int | str) -> C
     a missing key means true in Dogtag, and a demoted CA would generate CRLs again.
     """
     host = new_master_host.strip()
-    if not host or any(c.isspace() or c in "=/" for c in host):
+    # a trailing backslash would make Dogtag join the next line; control characters end lines
+    if not host or any(c.isspace() or not c.isprintable() or c in "=/\\#" for c in host):
         raise ValueError(f"invalid new master host {new_master_host!r}")
-    port = int(new_master_port)
+    try:
+        port = int(str(new_master_port).strip())
+    except ValueError:
+        raise ValueError(f"invalid new master port {new_master_port!r}") from None
     if not 0 < port < 65536:
         raise ValueError(f"invalid new master port {new_master_port!r}")
     nl = master.newline
@@ -407,7 +451,12 @@ def demote(master: CSCfg, new_master_host: str, new_master_port: int | str) -> C
 
 def is_role_key(key: str) -> bool:
     """Keys that promote/demote may change; every other line must survive untouched."""
-    return key.startswith(CRL_PREFIX) or key in (KEY_STATUS_INTERVAL, KEY_LISTEN_CLONES, KEY_MASTER_HOST, KEY_MASTER_PORT)
+    return key.startswith(CRL_PREFIX) or key in (
+        KEY_STATUS_INTERVAL,
+        KEY_LISTEN_CLONES,
+        KEY_MASTER_HOST,
+        KEY_MASTER_PORT,
+    )
 
 
 def unrelated_lines(cfg: CSCfg) -> list[str]:
@@ -415,11 +464,18 @@ def unrelated_lines(cfg: CSCfg) -> list[str]:
     return [_body(line.raw) for line in cfg.lines if line.key is None or not is_role_key(line.key)]
 
 
+def _diff_lines(cfg: CSCfg) -> list[str]:
+    # physical lines as the parser saw them (str.splitlines would also split at \f, \x1c, U+2028)
+    out = [line.raw for line in cfg.lines]
+    if out and not out[-1].endswith("\n"):
+        out[-1] += "\n\\ No newline at end of file\n"
+    return out
+
+
 def unified_diff(before: CSCfg, after: CSCfg) -> str:
     import difflib
 
-    a = before.render().decode("utf-8").splitlines(keepends=True)
-    b = after.render().decode("utf-8").splitlines(keepends=True)
+    a, b = _diff_lines(before), _diff_lines(after)
     return "".join(difflib.unified_diff(a, b, before.path, f"{after.path} (new)"))
 
 
@@ -446,7 +502,13 @@ def _copy_selinux_label(src: str, dst_fd: int) -> None:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
             return
         raise
-    os.setxattr(dst_fd, "security.selinux", label)
+    try:
+        os.setxattr(dst_fd, "security.selinux", label)
+    except OSError as exc:
+        # a label left on a file by a host that had SELinux, on a kernel without it: nothing to keep
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) and not os.path.exists("/sys/fs/selinux/enforce"):
+            return
+        raise
 
 
 def write_cscfg(
@@ -466,35 +528,57 @@ def write_cscfg(
     directory = os.path.dirname(real)
     data = cfg.render()
     tmp: str | None = None
+    step = "read the current file"
     try:
         st = os.stat(real)
+        if not stat.S_ISREG(st.st_mode):
+            raise CSCfgWriteError(errno.EINVAL, f"{real} is not a regular file; not overwriting it")
         current = Path(real).read_bytes()
         if expected is not None and current != expected:
             raise CSCfgWriteError(errno.ESTALE, f"{real} changed since it was read; not overwriting it")
         backup = f"{real}.{time.time_ns() // 1_000_000}{BACKUP_SUFFIX}"
         while os.path.exists(backup):  # two writes in one millisecond
             backup = f"{real}.{int(backup.rsplit('.', 2)[-2]) + 1}{BACKUP_SUFFIX}"
+        step = f"write the backup {backup}"
         _write_file(backup, current, st, real)
+        step = f"write a temporary file in {directory}"
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(real)}.", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            step = "carry owner, group, mode and SELinux label over to the temporary file"
             _carry_metadata(f.fileno(), st, real)
+            step = "fsync the temporary file"
             os.fsync(f.fileno())
+        step = f"rename the temporary file over {real}"
         os.replace(tmp, real)
         tmp = None
-        _fsync_dir(directory)
     except CSCfgWriteError:
         raise
     except OSError as exc:
-        raise CSCfgWriteError(exc.errno or 0, f"cannot write {real}: {exc.strerror or exc}; the original is unchanged") from exc
+        raise CSCfgWriteError(
+            exc.errno or 0,
+            f"cannot write {real}: could not {step}: {exc.strerror or exc}; the original is unchanged",
+        ) from exc
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-    for old in _backups(real)[:-backups_kept] if backups_kept > 0 else []:
-        with contextlib.suppress(OSError):
-            old.unlink()
+    try:
+        _fsync_dir(directory)
+    except OSError as exc:
+        # the rename happened: saying "unchanged" here would be a lie
+        err = CSCfgWriteError(
+            exc.errno or 0,
+            f"wrote {real} but could not fsync {directory}: {exc.strerror or exc}; "
+            f"the new file is in place but may not survive a crash (backup {backup})",
+        )
+        err.original_intact = False
+        raise err from exc
+    with contextlib.suppress(OSError):  # pruning old backups must not fail a write that succeeded
+        for old in _backups(real)[:-backups_kept] if backups_kept > 0 else []:
+            with contextlib.suppress(OSError):
+                old.unlink()
     return WriteResult(real, backup)
 
 

@@ -1,0 +1,408 @@
+"""The policy: one immutable ClusterView in, one Decision (action + one-line reason) out.
+
+No I/O, no clock, no randomness: every branch is unit-tested over built snapshots. The safety
+rules, in the order they are checked:
+
+1. A master that cannot renew its lease in time stops being master before the lease ends.
+2. Only the holder of the leader key may have a master CS.cfg; anyone else with one follows.
+3. No failover while any member still sees the old master serving (its daemon may just be dead).
+4. An election needs an eligible clone; ranking is by data received from the old master, then
+   priority, then name; the store's compare-and-set makes at most one winner.
+5. After an automatic failover, no other one until acknowledged or `failover_cooldown` passed.
+6. Paused: observe, renew, report; never act on a CA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .model import (
+    CA_DOWN,
+    CA_RUNNING,
+    CA_STARTING,
+    ROLE_UNREADABLE,
+    Action,
+    ClusterView,
+    Decision,
+    MemberState,
+)
+
+MASTER, CLONE, INCONSISTENT = "master", "clone", "inconsistent"
+
+
+def decide(v: ClusterView) -> Decision:
+    if not v.store_ok:
+        return _without_store(v)
+    if v.leader is not None and v.leader.name == v.me:
+        return _as_leader(v)
+    if v.leader is not None:
+        return _as_follower(v)
+    return _without_leader(v)
+
+
+# ---- store unreachable ------------------------------------------------------------------------------
+
+
+def _without_store(v: ClusterView) -> Decision:
+    why = v.store_error or "store unreachable"
+    was_leader = v.memory.previous_leader == v.me and v.memory.seconds_since_renew is not None
+    if not was_leader:
+        return Decision(Action.WAIT, f"{why}; no failover decision without the store")
+    age = v.memory.seconds_since_renew or 0.0
+    deadline = v.policy.ttl - v.policy.safety_margin
+    if age < deadline:
+        return Decision(
+            Action.WAIT, f"{why}; keeping the master role, lease renewed {age:.1f}s ago (self-fence at {deadline:g}s)"
+        )
+    if v.local.cscfg_role != MASTER and v.local.ca_status == CA_DOWN:
+        return Decision(Action.WAIT, f"{why}; self-fenced: CA stopped and CS.cfg is {v.local.cscfg_role}")
+    if v.control.paused:
+        return Decision(Action.WAIT, f"paused: {why} and lease not renewed for {age:.1f}s; would self-fence")
+    return Decision(
+        Action.SELF_FENCE,
+        f"{why}; lease not renewed for {age:.1f}s (>= ttl {v.policy.ttl:g}s - safety margin "
+        f"{v.policy.safety_margin:g}s): stopping the CA and demoting before another master can be elected",
+        target=_best_guess_successor(v),
+    )
+
+
+# ---- this node holds the leader key -------------------------------------------------------------------
+
+
+def _as_leader(v: ClusterView) -> Decision:
+    assert v.leader is not None
+    epoch = v.leader.epoch
+    local = v.local
+    p = v.policy
+    if v.busy:
+        return Decision(Action.RENEW, f"{v.busy} in progress; renewing the lease (epoch {epoch})")
+    target = v.control.switchover_target
+    if target is not None and target != v.me:
+        why_not = _ineligible(v, target, old_master=v.me, planned=True)
+        if why_not:
+            return Decision(Action.CLEAR_SWITCHOVER, f"{v.control.switchover_kind or 'switchover'} to {target} refused: {why_not}")
+        if v.control.paused:
+            return Decision(Action.RENEW, f"paused: {v.control.switchover_kind} to {target} waits for resume")
+        kind = v.control.switchover_kind or "switchover"
+        return Decision(
+            Action.DEMOTE_AND_RELEASE, f"{kind} to {target} requested: stepping down (epoch {epoch})", target=target, kind=kind
+        )
+    if target == v.me:
+        return Decision(Action.CLEAR_SWITCHOVER, f"switchover to {v.me} requested but it is already master")
+    if local.cscfg_role in (ROLE_UNREADABLE, INCONSISTENT):
+        return Decision(
+            Action.RENEW,
+            f"I hold the key (epoch {epoch}) but CS.cfg is {local.cscfg_role} ({local.cscfg_problem}); "
+            "renewing, not touching the file: repair it",
+        )
+    if local.cscfg_role == CLONE:
+        if v.control.paused:
+            return Decision(Action.RENEW, f"paused: I hold the key (epoch {epoch}) but CS.cfg is clone; would promote")
+        return Decision(
+            Action.PROMOTE, f"I hold the key (epoch {epoch}) but CS.cfg is clone: completing the promotion", target=v.me
+        )
+    if local.ca_status == CA_RUNNING:
+        return Decision(Action.RENEW, f"healthy master; lease renewed (epoch {epoch})")
+    if local.ca_status == CA_STARTING:
+        return Decision(Action.RENEW, f"master CA starting; lease renewed (epoch {epoch})")
+    streak, n = local.ca_down_streak, p.failure_threshold
+    if streak < n:
+        return Decision(Action.RENEW, f"master CA failed probe {streak}/{n} ({local.ca_reason}); renewing")
+    down = f"master CA down for {streak} probes ({local.ca_reason})"
+    if v.control.paused:
+        return Decision(Action.RENEW, f"paused: {down}; would {'restart it' if p.restart_before_failover else 'fail over'}")
+    if p.restart_before_failover and not v.memory.restarted_in_incident:
+        return Decision(Action.RESTART_CA, f"{down}: restarting it once before failing over")
+    cooldown = _cooldown(v)
+    if cooldown:
+        return Decision(Action.RENEW, f"{down}, but {cooldown}; keeping the role")
+    ranked, rejected = _ranked(v, old_master=v.me)
+    if ranked:
+        return Decision(
+            Action.DEMOTE_AND_RELEASE,
+            f"{down}{', restart did not help' if p.restart_before_failover else ''}: demoting and releasing the key "
+            f"for {ranked[0]} (best of {', '.join(ranked)})",
+            target=ranked[0],
+        )
+    if p.restart_before_failover:
+        return Decision(Action.RESTART_CA, f"{down} and no eligible clone ({_list(rejected)}): restarting it again")
+    return Decision(Action.RENEW, f"{down} and no eligible clone ({_list(rejected)}): keeping the role")
+
+
+# ---- another node holds the key -------------------------------------------------------------------------
+
+
+def _as_follower(v: ClusterView) -> Decision:
+    assert v.leader is not None
+    leader, epoch, local = v.leader.name, v.leader.epoch, v.local
+    if v.busy:
+        return Decision(Action.WAIT, f"{v.busy} in progress; {leader} is master (epoch {epoch})")
+    if local.cscfg_role == MASTER:
+        if v.control.paused:
+            return Decision(Action.WAIT, f"paused: {leader} holds the key (epoch {epoch}) but my CS.cfg is master; would demote")
+        return Decision(
+            Action.FOLLOW,
+            f"{leader} holds the key (epoch {epoch}) but my CS.cfg is master: demoting to a clone of {leader}",
+            target=leader,
+        )
+    if local.cscfg_role in (ROLE_UNREADABLE, INCONSISTENT):
+        return Decision(
+            Action.WAIT, f"my CS.cfg is {local.cscfg_role} ({local.cscfg_problem}): never elected, file left untouched"
+        )
+    if local.ca_status == CA_DOWN and local.ca_down_streak >= v.policy.failure_threshold:
+        if v.control.paused:
+            return Decision(Action.WAIT, f"paused: my CA is down ({local.ca_reason}); would start it as a clone of {leader}")
+        return Decision(Action.FOLLOW, f"my CA is down ({local.ca_reason}): starting it as a clone of {leader}", target=leader)
+    if v.control.switchover_target == v.me:
+        return Decision(Action.WAIT, f"{v.control.switchover_kind} to me requested; waiting for {leader} to step down")
+    expected = _agent_of(v, leader)
+    seen = f"; its CA is {local.watched_status}" if local.watching == leader and local.watched_status else ""
+    note = ""
+    if expected and local.master_agent and local.master_agent != expected:
+        note = f"; CS.cfg still points at {local.master_agent}, corrected at the next CA restart"
+    return Decision(Action.WAIT, f"clone of {leader} (epoch {epoch}){seen}{note}")
+
+
+# ---- nobody holds the key ----------------------------------------------------------------------------------
+
+
+def _without_leader(v: ClusterView) -> Decision:
+    if v.busy:
+        return Decision(Action.WAIT, f"{v.busy} in progress; no master holds the key")
+    if v.memory.epoch == 0 and v.memory.previous_leader is None:
+        return _bootstrap(v)
+    old = v.memory.previous_leader
+    local = v.local
+    released = v.memory.previous_leader_released
+    if old == v.me and not released and local.cscfg_role == MASTER and local.ca_status == CA_RUNNING:
+        if v.control.paused:
+            return Decision(Action.WAIT, "paused: my lease ended while my CA kept serving as master; would take the key back")
+        return Decision(
+            Action.PROMOTE, "my lease ended while my CA kept serving as master: taking the key back", target=v.me, kind="resume"
+        )
+    if local.cscfg_role == MASTER and local.ca_status != CA_DOWN:
+        if v.control.paused:
+            return Decision(Action.WAIT, "paused: my CS.cfg is master but I do not hold the key; would stop being master")
+        return Decision(
+            Action.SELF_FENCE,
+            "my CS.cfg is master but I do not hold the key: stopping the CA and demoting",
+            target=_best_guess_successor(v),
+        )
+
+    wanted, kind = v.control.switchover_target, v.control.switchover_kind or "switchover"
+    if wanted is not None and v.memory.leaderless_for < v.policy.ttl:
+        if wanted != v.me:
+            return Decision(Action.WAIT, f"{kind} to {wanted}: waiting for it to take the key")
+        why_not = _ineligible(v, v.me, old_master=old, planned=True)
+        if why_not:
+            return Decision(Action.CLEAR_SWITCHOVER, f"{kind} to me refused: {why_not}")
+        serving = [] if released else _seen_serving(v, old)
+        if serving:
+            return Decision(
+                Action.CLEAR_SWITCHOVER, f"{kind} to me refused: {old} is still seen serving by {', '.join(serving)}"
+            )
+        return Decision(
+            Action.PROMOTE, f"{kind} to me: taking the key", target=v.me, fence_old_master=not released, kind=kind
+        )
+
+    lost = f"{old} released the key" if released else f"{old}'s lease ended"
+    if not released:
+        serving = _seen_serving(v, old)
+        if serving:
+            return Decision(
+                Action.WAIT,
+                f"master unmanaged: {lost} but its CA is still seen serving by {', '.join(serving)}; no failover",
+            )
+        observers = _observers_down(v, old)
+        if not observers:
+            return Decision(Action.WAIT, f"{lost}; waiting until clones confirm its CA is down ({_watch_summary(v, old)})")
+    cooldown = _cooldown(v)
+    if cooldown:
+        return Decision(Action.WAIT, f"{lost}; failover blocked: {cooldown}")
+    ranked, rejected = _ranked(v, old_master=old)
+    if not ranked:
+        return Decision(Action.WAIT, f"{lost}; no eligible clone ({_list(rejected)})")
+    if v.control.paused:
+        return Decision(Action.WAIT, f"paused: {lost}; would elect {ranked[0]}")
+    # The winner gets one ttl to take the key; after each further ttl the next candidate may try.
+    allowed = ranked[: 1 + int(v.memory.leaderless_for // v.policy.ttl)]
+    if v.me in allowed:
+        skipped = ranked[: ranked.index(v.me)]
+        late = f" ({', '.join(skipped)} did not take the key within ttl)" if skipped else ""
+        return Decision(
+            Action.PROMOTE,
+            f"{lost}; elected {v.me} from {', '.join(ranked)}{late}",
+            target=v.me,
+            fence_old_master=not released,
+        )
+    return Decision(Action.WAIT, f"{lost}; waiting for {allowed[-1]} to take the key (ranking {', '.join(ranked)})")
+
+
+def _bootstrap(v: ClusterView) -> Decision:
+    states = _all_states(v)
+    masters = sorted(s.name for s in states if s.cscfg_role == MASTER)
+    hint = "run `ca-watchdog bootstrap --master NAME`"
+    if len(masters) == 1:
+        (m,) = masters
+        if m != v.me:
+            return Decision(Action.WAIT, f"bootstrap: {m}'s CS.cfg is the only master; waiting for it to take the key")
+        if v.control.paused:
+            return Decision(Action.WAIT, "paused: bootstrap: my CS.cfg is the only master; would take the key")
+        return Decision(Action.BOOTSTRAP, "bootstrap: my CS.cfg is the only master: taking the key", target=v.me, kind="bootstrap")
+    if not masters:
+        seen = ", ".join(f"{s.name} {s.cscfg_role}" for s in states)
+        return Decision(Action.WAIT, f"bootstrap: no CS.cfg master ({seen}); {hint}")
+    return Decision(Action.WAIT, f"bootstrap: several CS.cfg masters ({', '.join(masters)}); nobody acts; {hint}")
+
+
+# ---- election helpers -----------------------------------------------------------------------------------------
+
+
+def _all_states(v: ClusterView) -> list[MemberState]:
+    out = [v.local]
+    out.extend(s for name, s in sorted(v.records.items()) if name != v.me and v.config_of(name) is not None)
+    return out
+
+
+def _ineligible(v: ClusterView, name: str, old_master: str | None, planned: bool = False) -> str | None:
+    """Why `name` cannot become master now (None: it can). Lag is checked by _ranked."""
+    cfg = v.config_of(name)
+    if cfg is None:
+        return "not a cluster member"
+    if name == old_master:
+        return "the old master"
+    if cfg.nofailover and not planned:
+        return "nofailover"
+    st = v.state_of(name)
+    if st is None:
+        return "no fresh member record"
+    if st.busy:
+        return f"busy ({st.busy})"
+    if st.cscfg_role in (ROLE_UNREADABLE, INCONSISTENT):
+        return f"CS.cfg {st.cscfg_role}"
+    if st.ca_status != CA_RUNNING:
+        return f"CA {st.ca_status}"
+    if not st.ds_ok:
+        return "local 389-DS down"
+    if st.replication == "red":
+        return "replication red"
+    return None
+
+
+def _csn_of(st: MemberState, rid: int | None) -> str:
+    if rid is not None:
+        return st.max_csn.get(rid, "")
+    return max(st.max_csn.values(), default="")
+
+
+def _csn_time(csn: str) -> float | None:
+    return float(int(csn[:8], 16)) if len(csn) == 20 else None
+
+
+def _ranked(v: ClusterView, old_master: str | None) -> tuple[list[str], list[str]]:
+    """Eligible candidates, best first, and the rejected ones with their reasons."""
+    rejected: list[str] = []
+    basic: list[MemberState] = []
+    for m in v.members:
+        why = _ineligible(v, m.name, old_master)
+        if why:
+            if m.name != old_master:
+                rejected.append(f"{m.name}: {why}")
+            continue
+        st = v.state_of(m.name)
+        assert st is not None
+        basic.append(st)
+    rid = v.memory.known_replica_ids.get(old_master) if old_master else None
+    # who received most from the old master: its own record (if fresh) is the reference
+    reference = [s for s in basic]
+    old_state = v.state_of(old_master) if old_master else None
+    if old_state is not None:
+        reference.append(old_state)
+    newest = max((_csn_of(s, rid) for s in reference), default="")
+    newest_t = _csn_time(newest)
+    eligible: list[MemberState] = []
+    for st in basic:
+        mine = _csn_of(st, rid)
+        mine_t = _csn_time(mine)
+        if newest_t is not None:
+            lag = newest_t - mine_t if mine_t is not None else float("inf")
+            if lag > v.policy.maximum_lag:
+                rejected.append(f"{st.name}: replication lag {lag:g}s > maximum_lag {v.policy.maximum_lag:g}s")
+                continue
+        eligible.append(st)
+
+    def key(st: MemberState) -> tuple[str, int, str]:
+        cfg = v.config_of(st.name)
+        return (_csn_of(st, rid), cfg.priority if cfg else 0, st.name)
+
+    # highest CSN first, then highest priority, then name ascending
+    eligible.sort(key=lambda s: s.name)
+    eligible.sort(key=lambda s: key(s)[:2], reverse=True)
+    return [s.name for s in eligible], rejected
+
+
+def _seen_serving(v: ClusterView, old: str | None) -> list[str]:
+    if old is None:
+        return []
+    names = []
+    for st in _all_states(v):
+        if st.name == old:
+            if st.ca_status in (CA_RUNNING, CA_STARTING) and st.cscfg_role == MASTER:
+                names.append(f"{old} itself")
+        elif st.watching == old and st.watched_status in (CA_RUNNING, CA_STARTING):
+            names.append(st.name)
+    return names
+
+
+def _observers_down(v: ClusterView, old: str | None) -> list[str]:
+    return [
+        st.name
+        for st in _all_states(v)
+        if st.name != old
+        and st.watching == old
+        and st.watched_status == CA_DOWN
+        and st.watched_down_streak >= v.policy.failure_threshold
+    ]
+
+
+def _watch_summary(v: ClusterView, old: str | None) -> str:
+    parts = [
+        f"{st.name}: {st.watched_status or 'no view'} x{st.watched_down_streak}"
+        for st in _all_states(v)
+        if st.name != old
+    ]
+    return ", ".join(parts) or "no clone reports"
+
+
+def _cooldown(v: ClusterView) -> str | None:
+    last = v.memory.last_failover_at
+    if last is None or v.policy.failover_cooldown <= 0:
+        return None
+    ack = v.control.cooldown_ack_at
+    if ack is not None and ack >= last:
+        return None
+    age = v.now - last
+    if age >= v.policy.failover_cooldown:
+        return None
+    return (
+        f"cooldown: last failover {age:.0f}s ago (< failover_cooldown {v.policy.failover_cooldown:g}s); "
+        "run `ca-watchdog ack` to allow another"
+    )
+
+
+def _best_guess_successor(v: ClusterView) -> str | None:
+    """Whom a self-fenced master's CS.cfg should name until the real new master is known."""
+    ranked, _ = _ranked(v, old_master=v.me)
+    if ranked:
+        return ranked[0]
+    others = sorted((m for m in v.members if m.name != v.me), key=lambda m: (-m.priority, m.name))
+    return others[0].name if others else None
+
+
+def _agent_of(v: ClusterView, name: str) -> str | None:
+    cfg = v.config_of(name)
+    return f"{cfg.agent_host}:{cfg.agent_port}" if cfg and cfg.agent_host else None
+
+
+def _list(items: Sequence[str]) -> str:
+    return "; ".join(items) if items else "no other members"
