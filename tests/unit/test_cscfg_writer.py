@@ -1,0 +1,282 @@
+"""write_cscfg with real files: symlinks, owner and mode, backups, failures in the middle."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ca_watchdog import cscfg
+from ca_watchdog.cscfg import CSCfgWriteError, demote, read_cscfg, write_cscfg
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "CS.cfg.master.sample"
+BACKUP = re.compile(r"^CS\.cfg\.(\d{13,})\.ca-watchdog$")
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Path:
+    """/etc/pki/pki-tomcat/ca/CS.cfg, as pkispawn leaves it."""
+    conf = tmp_path / "etc" / "pki" / "pki-tomcat" / "ca"
+    conf.mkdir(parents=True)
+    real = conf / "CS.cfg"
+    shutil.copyfile(FIXTURE, real)
+    os.chmod(real, 0o660)
+    return real
+
+
+def backups(directory: Path) -> list[Path]:
+    return sorted((p for p in directory.iterdir() if BACKUP.match(p.name)), key=lambda p: int(p.name.split(".")[2]))
+
+
+def leftovers(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_write_replaces_content_and_makes_a_backup(instance: Path) -> None:
+    before = instance.read_bytes()
+    cfg = read_cscfg(instance)
+    new = demote(cfg, "ca2.example.com", 8443)
+    result = write_cscfg(new, expected=before)
+    assert result.path == str(instance)
+    assert instance.read_bytes() == new.render()
+    (backup,) = backups(instance.parent)
+    assert str(backup) == result.backup
+    assert backup.read_bytes() == before
+    assert leftovers(instance.parent) == []
+
+
+def test_symlinked_cscfg_stays_a_link_and_the_real_file_is_replaced(instance: Path, tmp_path: Path) -> None:
+    # /var/lib/pki/pki-tomcat/conf -> /etc/pki/pki-tomcat, and a file link on top
+    var = tmp_path / "var" / "lib" / "pki" / "pki-tomcat"
+    var.mkdir(parents=True)
+    (var / "conf").symlink_to(instance.parent.parent, target_is_directory=True)
+    file_link = tmp_path / "CS.cfg.link"
+    file_link.symlink_to(var / "conf" / "ca" / "CS.cfg")
+    for link in (var / "conf" / "ca" / "CS.cfg", file_link):
+        cfg = read_cscfg(link)
+        new = demote(cfg, f"{link.name}.example.com", 8443)
+        result = write_cscfg(new, link)
+        assert result.path == str(instance)
+        assert (var / "conf").is_symlink() and file_link.is_symlink()
+        assert os.readlink(file_link) == str(var / "conf" / "ca" / "CS.cfg")
+        assert not instance.is_symlink()
+        assert instance.read_bytes() == new.render()
+        assert Path(result.backup).parent == instance.parent  # next to the real file
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("CS.cfg")] == ["CS.cfg.link"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_owner_group_and_mode_are_kept(instance: Path) -> None:
+    os.chown(instance, 1234, 1234)
+    os.chmod(instance, 0o660)
+    result = write_cscfg(demote(read_cscfg(instance), "ca2", 8443))
+    for path in (instance, Path(result.backup)):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid) == (1234, 1234), path
+        assert st.st_mode & 0o7777 == 0o660, path
+
+
+def test_an_unusual_mode_is_kept(instance: Path) -> None:
+    os.chmod(instance, 0o640)
+    write_cscfg(demote(read_cscfg(instance), "ca2", 8443))
+    assert instance.stat().st_mode & 0o7777 == 0o640
+
+
+def test_newest_five_backups_are_kept_and_others_left_alone(instance: Path) -> None:
+    dogtag_backup = instance.parent / "CS.cfg.1700000000000"  # FileConfigStorage's own backup
+    dogtag_backup.write_text("x=1\n")
+    other = instance.parent / "CS.cfg.bak"
+    other.write_text("y=2\n")
+    contents = []
+    for i in range(8):
+        contents.append(instance.read_bytes())
+        cfg = read_cscfg(instance)
+        write_cscfg(demote(cfg, f"ca{i}.example.com", 8443), expected=cfg.render())
+    kept = backups(instance.parent)
+    assert len(kept) == 5
+    assert [p.read_bytes() for p in kept] == contents[-5:]
+    stamps = [int(p.name.split(".")[2]) for p in kept]
+    assert stamps == sorted(set(stamps))  # distinct even within one millisecond
+    assert dogtag_backup.exists() and other.exists()
+
+
+def test_expected_mismatch_refuses_and_writes_nothing(instance: Path) -> None:
+    cfg = read_cscfg(instance)
+    with instance.open("ab") as f:
+        f.write(b"changed.by.someone=else\n")
+    changed = instance.read_bytes()
+    with pytest.raises(CSCfgWriteError) as err:
+        write_cscfg(demote(cfg, "ca2", 8443), expected=cfg.render())
+    assert err.value.errno == errno.ESTALE
+    assert "changed since it was read" in str(err.value)
+    assert instance.read_bytes() == changed
+    assert backups(instance.parent) == []
+
+
+def _assert_failed_cleanly(instance: Path, before: bytes, err: CSCfgWriteError, *words: str) -> None:
+    assert instance.read_bytes() == before
+    assert leftovers(instance.parent) == []
+    assert err.original_intact
+    assert "the original is unchanged" in str(err)
+    for word in words:
+        assert word in str(err), str(err)
+
+
+@pytest.mark.parametrize(
+    ("target", "step"),
+    [
+        ("os.replace", "rename the temporary file"),
+        ("os.fsync", "fsync the temporary file"),
+        ("os.fchmod", "carry owner, group, mode"),
+    ],
+)
+def test_a_failure_in_the_middle_leaves_the_original(
+    instance: Path, monkeypatch: pytest.MonkeyPatch, target: str, step: str
+) -> None:
+    before = instance.read_bytes()
+    new = demote(read_cscfg(instance), "ca2", 8443)
+
+    # fail only on the temporary file (the backup is written with the same calls)
+    made: list[object] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, path = real_mkstemp(*args, **kwargs)
+        made.extend((fd, path))
+        return fd, path
+
+    real = getattr(os, target.split(".")[1])
+
+    def fail_on_temp(*args: Any, **kwargs: Any) -> Any:
+        if args and args[0] in made:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(target, fail_on_temp)
+    with pytest.raises(CSCfgWriteError) as err:
+        write_cscfg(new)
+    _assert_failed_cleanly(instance, before, err.value, step, "Input/output error")
+    assert made, "the temporary file was never made"
+
+
+def test_a_failing_backup_leaves_the_original(instance: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = instance.read_bytes()
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cscfg, "_write_file", no_space)
+    with pytest.raises(CSCfgWriteError) as err:
+        write_cscfg(demote(read_cscfg(instance), "ca2", 8443))
+    _assert_failed_cleanly(instance, before, err.value, "write the backup", "No space left on device")
+    assert err.value.errno == errno.ENOSPC
+
+
+@pytest.fixture
+def immutable_dir(instance: Path) -> Iterator[Path]:
+    """The CS.cfg directory made immutable; root ignores mode bits but not this."""
+    directory = instance.parent
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr not installed")
+    if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
+        pytest.skip("the file system does not support chattr +i here")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def test_an_unwritable_directory_leaves_the_original(instance: Path, immutable_dir: Path) -> None:
+    before = instance.read_bytes()
+    mtime = instance.stat().st_mtime_ns
+    with pytest.raises(CSCfgWriteError) as err:
+        write_cscfg(demote(read_cscfg(instance), "ca2", 8443))
+    _assert_failed_cleanly(instance, before, err.value, "Operation not permitted", str(instance))
+    assert instance.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in immutable_dir.iterdir()) == ["CS.cfg"]
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_full_file_system_leaves_the_original(full_tmpfs: Path) -> None:
+    real = full_tmpfs / "CS.cfg"
+    shutil.copyfile(FIXTURE, real)
+    before = real.read_bytes()
+    filler = full_tmpfs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    with pytest.raises(CSCfgWriteError) as err:
+        write_cscfg(demote(read_cscfg(real), "ca2", 8443))
+    assert err.value.errno == errno.ENOSPC
+    _assert_failed_cleanly(real, before, err.value, "No space left on device")
+    assert sorted(p.name for p in full_tmpfs.iterdir()) == ["CS.cfg", "filler"]
+
+
+def test_directory_fsync_failure_says_the_new_file_is_in_place(instance: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(directory: str) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(cscfg, "_fsync_dir", fail)
+    new = demote(read_cscfg(instance), "ca2", 8443)
+    with pytest.raises(CSCfgWriteError) as err:
+        write_cscfg(new)
+    assert not err.value.original_intact
+    assert "unchanged" not in str(err.value)
+    assert "in place" in str(err.value)
+    assert instance.read_bytes() == new.render()
+
+
+def test_a_dangling_link_or_a_directory_is_refused(tmp_path: Path) -> None:
+    link = tmp_path / "CS.cfg"
+    link.symlink_to(tmp_path / "missing")
+    cfg = cscfg.parse("a=1\n", str(link))
+    with pytest.raises(CSCfgWriteError) as err:
+        write_cscfg(cfg)
+    assert "No such file" in str(err.value)
+    assert link.is_symlink() and not (tmp_path / "missing").exists()
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(CSCfgWriteError) as err:
+        write_cscfg(cfg, tmp_path / "dir")
+    assert "not a regular file" in str(err.value)
+
+
+def test_selinux_label_is_copied_when_the_file_has_one(instance: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    label = b"system_u:object_r:pki_tomcat_etc_rw_t:s0\0"
+    seen: list[bytes] = []
+
+    def getxattr(path: str, name: str) -> bytes:
+        assert name == "security.selinux"
+        return label
+
+    def setxattr(fd: int, name: str, value: bytes) -> None:
+        seen.append(value)
+
+    monkeypatch.setattr(os, "getxattr", getxattr)
+    monkeypatch.setattr(os, "setxattr", setxattr)
+    write_cscfg(demote(read_cscfg(instance), "ca2", 8443))
+    assert seen == [label, label]  # the backup and the new file
