@@ -41,7 +41,7 @@ class NodeSettings:
 class MemberSettings:
     name: str
     agent_url: str
-    ldap_url: str
+    ldap_url: str | None = None  # None: no 389-DS probe for this member (lab without a directory)
     api_url: str | None = None
     priority: int = 100
     nofailover: bool = False
@@ -298,7 +298,7 @@ def _members(source: str, data: Any) -> tuple[MemberSettings, ...]:
         m = MemberSettings(
             name=t.text("name"),
             agent_url=_url(t, "agent_url", ("https", "http")),
-            ldap_url=_url(t, "ldap_url", ("ldap", "ldaps")),
+            ldap_url=_opt_url(t, "ldap_url", ("ldap", "ldaps")),
             api_url=_opt_url(t, "api_url", ("https", "http")),
             priority=t.integer("priority", 100, minimum=0, maximum=1_000_000),
             nofailover=t.boolean("nofailover", False),

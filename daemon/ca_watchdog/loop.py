@@ -166,7 +166,7 @@ class Watchdog:
 
     def _local_state(self, obs: Observation, now: float) -> MemberState:
         mono = time.monotonic()
-        status = obs.ca.status
+        status: str = obs.ca.status
         if status == CA_STARTING:
             self.ca_starting_since = self.ca_starting_since or mono
             if mono - self.ca_starting_since > self.s.timing.start_timeout:
@@ -202,7 +202,9 @@ class Watchdog:
             ds_error=ds.error if ds is not None else None,
             replication=replication,
             replica_id=ds.replica_id if ds is not None else None,
-            max_csn={rid: str(c) for rid, c in ds.ruv_max_csn.items() if c is not None} if ds is not None and ds.ok else {},
+            max_csn={rid: str(c) for rid, c in ds.ruv_max_csn.items() if c is not None}
+            if ds is not None and ds.ok
+            else {},
             watching=obs.watched,
             watched_status=ws.status if ws is not None else None,
             watched_down_streak=self.watched_down_streak,
@@ -227,7 +229,11 @@ class Watchdog:
             if ev.get("type") == "acquired" and isinstance(ev.get("name"), str):
                 previous, released = ev["name"], False
                 acquired_epoch = int(ev.get("epoch", 0))
-            elif ev.get("type") == "released" and ev.get("name") == previous and int(ev.get("epoch", -1)) == acquired_epoch:
+            elif (
+                ev.get("type") == "released"
+                and ev.get("name") == previous
+                and int(ev.get("epoch", -1)) == acquired_epoch
+            ):
                 released = True
             elif ev.get("type") == "promoted" and ev.get("kind") == "automatic":
                 last_failover = e.at
@@ -373,9 +379,9 @@ class Watchdog:
         if lines == self.published_crl:
             return
         current = await self._call(self.store.get_crl_block())
-        if current is None or current.lines != lines or current.epoch != leader.epoch:
-            if await self._call(self.store.put_crl_block(self.me, leader.epoch, lines)):
-                log.info("published the ca.crl. block (%d lines, epoch %d)", len(lines), leader.epoch)
+        changed = current is None or current.lines != lines or current.epoch != leader.epoch
+        if changed and await self._call(self.store.put_crl_block(self.me, leader.epoch, lines)):
+            log.info("published the ca.crl. block (%d lines, epoch %d)", len(lines), leader.epoch)
         self.published_crl = lines
 
     # ---- act -----------------------------------------------------------------------------------------
@@ -406,7 +412,9 @@ class Watchdog:
         self.busy = d.action.value
         self.task = asyncio.create_task(self._guarded(runners[d.action], d, view), name=f"ca-watchdog {d.action}")
 
-    async def _guarded(self, run: Callable[[Decision, ClusterView], Awaitable[None]], d: Decision, v: ClusterView) -> None:
+    async def _guarded(
+        self, run: Callable[[Decision, ClusterView], Awaitable[None]], d: Decision, v: ClusterView
+    ) -> None:
         try:
             await run(d, v)
         except asyncio.CancelledError:
@@ -439,7 +447,9 @@ class Watchdog:
             return None
         self.held_epoch, self.last_renew_mono = rec.epoch, sent
         self.last_leader_seen = (rec.name, rec.epoch)
-        await self._history({"type": "acquired", "name": self.me, "epoch": rec.epoch, "kind": d.kind, "reason": d.reason})
+        await self._history(
+            {"type": "acquired", "name": self.me, "epoch": rec.epoch, "kind": d.kind, "reason": d.reason}
+        )
         return rec
 
     async def _release(self, reason: str, target: str | None = None) -> None:
@@ -450,13 +460,14 @@ class Watchdog:
         self.held_epoch = None
         self.last_renew_mono = None
         if released:
-            await self._history({"type": "released", "name": self.me, "epoch": epoch, "reason": reason, "target": target})
+            await self._history(
+                {"type": "released", "name": self.me, "epoch": epoch, "reason": reason, "target": target}
+            )
 
     async def _promote(self, d: Decision, v: ClusterView) -> None:
         t_decided = time.time()
-        if v.leader is None or v.leader.name != self.me:
-            if await self._acquire(d) is None:
-                return
+        if (v.leader is None or v.leader.name != self.me) and await self._acquire(d) is None:
+            return
         epoch = self.held_epoch
         old = v.memory.previous_leader if v.memory.previous_leader != self.me else None
         if d.fence_old_master and old and self.s.failover.fence_command:
@@ -500,7 +511,9 @@ class Watchdog:
 
     async def _rollback_promotion(self, why: str) -> None:
         """A failed promotion: back to a stopped clone, and the key released with the reason."""
-        successor = next((m.name for m in sorted(self.members, key=lambda m: (-m.priority, m.name)) if m.name != self.me), None)
+        successor = next(
+            (m.name for m in sorted(self.members, key=lambda m: (-m.priority, m.name)) if m.name != self.me), None
+        )
         with contextlib.suppress(NodeError, cscfg.CSCfgError, OSError):
             await self.ca.fence(successor, self._journal)
         await self._release(f"promotion failed: {why}")
@@ -576,7 +589,9 @@ class Watchdog:
     async def run_forever(self) -> None:
         step = await self._safe(self.store.get_step(self.me))
         if step:
-            log.warning("an earlier run stopped during %r; this cycle decides whether to resume or roll back", step.get("step"))
+            log.warning(
+                "an earlier run stopped during %r; this cycle decides whether to resume or roll back", step.get("step")
+            )
         while True:
             started = time.monotonic()
             await self.cycle()
@@ -596,6 +611,10 @@ class Watchdog:
                 for t in tasks:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await t
+
+    def wake(self) -> None:
+        """Run the next cycle now (a control call changed something)."""
+        self._wake.set()
 
     async def _safe(self, coro: Awaitable[T]) -> T | None:
         try:
@@ -620,7 +639,9 @@ async def run(settings: Settings) -> None:
 
     store = open_store(settings.store, [m.name for m in settings.members], settings.timing.store_timeout)
     metrics = Metrics(settings.node.name)
-    async with AgentProbe(settings.tls.ca_file, settings.tls.cert_file, settings.tls.key_file, settings.timing.agent_timeout) as probe:
+    async with AgentProbe(
+        settings.tls.ca_file, settings.tls.cert_file, settings.tls.key_file, settings.timing.agent_timeout
+    ) as probe:
         wd = Watchdog(settings, store, probe, metrics)
         runner = await start_api(wd)
         main = asyncio.current_task()

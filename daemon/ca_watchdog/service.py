@@ -19,7 +19,8 @@ class ServiceError(RuntimeError):
 
 
 class ServiceControl(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     async def start(self, timeout: float) -> None: ...
 

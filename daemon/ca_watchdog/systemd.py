@@ -6,7 +6,8 @@ import logging
 import os
 import sys
 
-from systemd import daemon, journal
+import systemd.daemon as daemon  # the PyPI systemd-python package (no type hints)
+import systemd.journal as journal
 
 
 class Notifier:
