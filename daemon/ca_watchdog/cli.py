@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,7 +40,12 @@ def _cscfg_show(args: argparse.Namespace) -> int:
                     "path": args.path,
                     "role": report.role.value,
                     "issuing_points": [
-                        {"id": p.id, "enable": p.enable, "enableCRLCache": p.crl_cache, "enableCRLUpdates": p.crl_updates}
+                        {
+                            "id": p.id,
+                            "enable": p.enable,
+                            "enableCRLCache": p.crl_cache,
+                            "enableCRLUpdates": p.crl_updates,
+                        }
                         for p in report.issuing_points
                     ],
                     "certStatusUpdateInterval": report.status_update_interval,
@@ -47,6 +53,7 @@ def _cscfg_show(args: argparse.Namespace) -> int:
                     "master_agent": report.master_agent,
                     "problems": list(report.problems),
                     "warnings": list(report.warnings),
+                    "duplicates": report.duplicates,
                 },
                 indent=2,
             )
@@ -55,34 +62,52 @@ def _cscfg_show(args: argparse.Namespace) -> int:
     print(f"{args.path}: {report.role.value}")
     for p in report.issuing_points:
         print(
-            f"  issuing point {p.id}: enable={str(p.enable).lower()} enableCRLCache={str(p.crl_cache).lower()} "
-            f"enableCRLUpdates={str(p.crl_updates).lower()}"
+            f"  issuing point {p.id}: enable={str(p.enable).lower()} "
+            f"enableCRLCache={str(p.crl_cache).lower()} enableCRLUpdates={str(p.crl_updates).lower()}"
         )
     print(f"  ca.certStatusUpdateInterval={report.status_update_interval}")
     print(f"  ca.listenToCloneModifications={str(report.listen_to_clones).lower()}")
     print(f"  master.ca.agent: {report.master_agent or '-'}")
-    for p in report.problems:
-        print(f"  problem: {p}")
-    for w in report.warnings:
-        print(f"  warning: {w}")
+    for problem in report.problems:
+        print(f"  problem: {problem}")
+    for warning in report.warnings:
+        print(f"  warning: {warning}")
     return EXIT_OK
 
 
-def _apply(args: argparse.Namespace, wanted: str, transform: Callable[[Any], Any]) -> int:
+def _apply(
+    args: argparse.Namespace,
+    wanted: str,
+    transform: Callable[[Any], Any],
+    already: Callable[[Any], bool] = lambda report: True,
+) -> int:
+    """Read, transform, check the result, then diff (--dry-run) or write with a backup.
+
+    `already(report)` says whether a file that is already `wanted` needs nothing more
+    (a clone of another master still needs its master.ca.agent target changed).
+    """
     from . import cscfg
 
     cfg = cscfg.read_cscfg(args.path)
     report = cscfg.classify(cfg)
-    if report.role.value == wanted:
+    if report.role.value == wanted and already(report):
         print(f"{args.path} is already {wanted}: nothing to do")
         return EXIT_OK
     new = transform(cfg)
+    result_report = cscfg.classify(new)
+    if result_report.role.value != wanted:
+        # never write a file that would come out half master, half clone
+        _err(
+            f"{args.path}: the result would be {result_report.role.value}, not {wanted} "
+            f"({'; '.join(result_report.problems)}); nothing written"
+        )
+        return EXIT_BAD_INPUT
     if args.dry_run:
         sys.stdout.write(cscfg.unified_diff(cfg, new))
         return EXIT_OK
     result = cscfg.write_cscfg(new, args.path, expected=cfg.render())
     changed = cscfg.changed_role_keys(cfg, new)
-    print(f"{result.path}: now {cscfg.classify(new).role.value} ({len(changed)} keys changed); backup {result.backup}")
+    print(f"{result.path}: now {result_report.role.value} ({len(changed)} keys changed); backup {result.backup}")
     return EXIT_OK
 
 
@@ -96,7 +121,8 @@ def _cscfg_promote(args: argparse.Namespace) -> int:
 
 def _host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # ASCII digits only: str.isdigit() would take "٨٤٤٣"
+    if not sep or not host.strip("[]") or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
 
@@ -105,7 +131,11 @@ def _cscfg_demote(args: argparse.Namespace) -> int:
     from . import cscfg
 
     host, port = args.new_master
-    return _apply(args, "clone", lambda cfg: cscfg.demote(cfg, host, port))
+
+    def same_master(report: Any) -> bool:
+        return bool(report.master_agent_host == host and report.master_agent_port == str(port))
+
+    return _apply(args, "clone", lambda cfg: cscfg.demote(cfg, host, port), already=same_master)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -139,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", "-c", default=DEFAULT_CONFIG_PATH, help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+        sp.add_argument(
+            "--config", "-c", default=DEFAULT_CONFIG_PATH, help=f"configuration file (default {DEFAULT_CONFIG_PATH})"
+        )
         return sp
 
     sp = with_config(sub.add_parser("run", help="run the HA loop (the systemd service)"))
@@ -173,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=_lazy("control", "cli_history"))
 
-    sp = with_config(sub.add_parser("bootstrap", help="name the master when the store is empty and CS.cfg files disagree"))
+    sp = with_config(
+        sub.add_parser("bootstrap", help="name the master when the store is empty and CS.cfg files disagree")
+    )
     sp.add_argument("--master", required=True, metavar="NAME")
     sp.set_defaults(func=_lazy("control", "cli_bootstrap"))
 
@@ -233,9 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ldap-password-file")
     sp.add_argument("--crl-interval", type=float, default=2.0, help="seconds between CRL updates while master")
     sp.add_argument("--status-delay", type=float, default=0.0, help="fault: delay every getStatus answer by S seconds")
-    sp.add_argument("--status-fault", choices=("http503", "garbage"), help="fault: getStatus answers 503 HTML or garbage")
+    sp.add_argument(
+        "--status-fault", choices=("http503", "garbage"), help="fault: getStatus answers 503 HTML or garbage"
+    )
     sp.add_argument("--name", help="writer name recorded in LDAP (default: CS.cfg machineName)")
-    sp.add_argument("--signing-key", help="key of the first certificate in --cafile: sign CRLs with it (else the server key)")
+    sp.add_argument(
+        "--signing-key", help="key of the first certificate in --cafile: sign CRLs with it (else the server key)"
+    )
     sp.set_defaults(func=_lazy("lab.simca"))
 
     sp = sub.add_parser("demo", help="a local three-node cluster whose master is killed and replaced, live")

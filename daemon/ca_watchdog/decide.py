@@ -54,8 +54,9 @@ def _without_store(v: ClusterView) -> Decision:
         return Decision(
             Action.WAIT, f"{why}; keeping the master role, lease renewed {age:.1f}s ago (self-fence at {deadline:g}s)"
         )
-    if v.local.cscfg_role != MASTER and v.local.ca_status == CA_DOWN:
-        return Decision(Action.WAIT, f"{why}; self-fenced: CA stopped and CS.cfg is {v.local.cscfg_role}")
+    if v.local.cscfg_role == CLONE or (v.local.cscfg_role != MASTER and v.local.ca_status == CA_DOWN):
+        # a clone CS.cfg cannot generate CRLs whatever the CA does (the guard may have started it as one)
+        return Decision(Action.WAIT, f"{why}; self-fenced: CS.cfg is {v.local.cscfg_role}, CA {v.local.ca_status}")
     if v.control.paused:
         return Decision(Action.WAIT, f"paused: {why} and lease not renewed for {age:.1f}s; would self-fence")
     return Decision(
@@ -77,15 +78,18 @@ def _as_leader(v: ClusterView) -> Decision:
     if v.busy:
         return Decision(Action.RENEW, f"{v.busy} in progress; renewing the lease (epoch {epoch})")
     target = v.control.switchover_target
+    kind = v.control.switchover_kind or "switchover"
+    if target is not None and v.control.paused:
+        return Decision(Action.RENEW, f"paused: {kind} to {target} waits for resume; lease renewed (epoch {epoch})")
     if target is not None and target != v.me:
-        why_not = _ineligible(v, target, old_master=v.me, planned=True)
+        why_not = _switchover_problem(v, target, old_master=v.me)
         if why_not:
-            return Decision(Action.CLEAR_SWITCHOVER, f"{v.control.switchover_kind or 'switchover'} to {target} refused: {why_not}")
-        if v.control.paused:
-            return Decision(Action.RENEW, f"paused: {v.control.switchover_kind} to {target} waits for resume")
-        kind = v.control.switchover_kind or "switchover"
+            return Decision(Action.CLEAR_SWITCHOVER, f"{kind} to {target} refused: {why_not}")
         return Decision(
-            Action.DEMOTE_AND_RELEASE, f"{kind} to {target} requested: stepping down (epoch {epoch})", target=target, kind=kind
+            Action.DEMOTE_AND_RELEASE,
+            f"{kind} to {target} requested: stepping down (epoch {epoch})",
+            target=target,
+            kind=kind,
         )
     if target == v.me:
         return Decision(Action.CLEAR_SWITCHOVER, f"switchover to {v.me} requested but it is already master")
@@ -110,7 +114,9 @@ def _as_leader(v: ClusterView) -> Decision:
         return Decision(Action.RENEW, f"master CA failed probe {streak}/{n} ({local.ca_reason}); renewing")
     down = f"master CA down for {streak} probes ({local.ca_reason})"
     if v.control.paused:
-        return Decision(Action.RENEW, f"paused: {down}; would {'restart it' if p.restart_before_failover else 'fail over'}")
+        return Decision(
+            Action.RENEW, f"paused: {down}; would {'restart it' if p.restart_before_failover else 'fail over'}"
+        )
     if p.restart_before_failover and not v.memory.restarted_in_incident:
         return Decision(Action.RESTART_CA, f"{down}: restarting it once before failing over")
     cooldown = _cooldown(v)
@@ -139,7 +145,9 @@ def _as_follower(v: ClusterView) -> Decision:
         return Decision(Action.WAIT, f"{v.busy} in progress; {leader} is master (epoch {epoch})")
     if local.cscfg_role == MASTER:
         if v.control.paused:
-            return Decision(Action.WAIT, f"paused: {leader} holds the key (epoch {epoch}) but my CS.cfg is master; would demote")
+            return Decision(
+                Action.WAIT, f"paused: {leader} holds the key (epoch {epoch}) but my CS.cfg is master; would demote"
+            )
         return Decision(
             Action.FOLLOW,
             f"{leader} holds the key (epoch {epoch}) but my CS.cfg is master: demoting to a clone of {leader}",
@@ -151,8 +159,12 @@ def _as_follower(v: ClusterView) -> Decision:
         )
     if local.ca_status == CA_DOWN and local.ca_down_streak >= v.policy.failure_threshold:
         if v.control.paused:
-            return Decision(Action.WAIT, f"paused: my CA is down ({local.ca_reason}); would start it as a clone of {leader}")
-        return Decision(Action.FOLLOW, f"my CA is down ({local.ca_reason}): starting it as a clone of {leader}", target=leader)
+            return Decision(
+                Action.WAIT, f"paused: my CA is down ({local.ca_reason}); would start it as a clone of {leader}"
+            )
+        return Decision(
+            Action.FOLLOW, f"my CA is down ({local.ca_reason}): starting it as a clone of {leader}", target=leader
+        )
     if v.control.switchover_target == v.me:
         return Decision(Action.WAIT, f"{v.control.switchover_kind} to me requested; waiting for {leader} to step down")
     expected = _agent_of(v, leader)
@@ -176,13 +188,20 @@ def _without_leader(v: ClusterView) -> Decision:
     released = v.memory.previous_leader_released
     if old == v.me and not released and local.cscfg_role == MASTER and local.ca_status == CA_RUNNING:
         if v.control.paused:
-            return Decision(Action.WAIT, "paused: my lease ended while my CA kept serving as master; would take the key back")
+            return Decision(
+                Action.WAIT, "paused: my lease ended while my CA kept serving as master; would take the key back"
+            )
         return Decision(
-            Action.PROMOTE, "my lease ended while my CA kept serving as master: taking the key back", target=v.me, kind="resume"
+            Action.PROMOTE,
+            "my lease ended while my CA kept serving as master: taking the key back",
+            target=v.me,
+            kind="resume",
         )
     if local.cscfg_role == MASTER and local.ca_status != CA_DOWN:
         if v.control.paused:
-            return Decision(Action.WAIT, "paused: my CS.cfg is master but I do not hold the key; would stop being master")
+            return Decision(
+                Action.WAIT, "paused: my CS.cfg is master but I do not hold the key; would stop being master"
+            )
         return Decision(
             Action.SELF_FENCE,
             "my CS.cfg is master but I do not hold the key: stopping the CA and demoting",
@@ -190,10 +209,19 @@ def _without_leader(v: ClusterView) -> Decision:
         )
 
     wanted, kind = v.control.switchover_target, v.control.switchover_kind or "switchover"
-    if wanted is not None and v.memory.leaderless_for < v.policy.ttl:
-        if wanted != v.me:
-            return Decision(Action.WAIT, f"{kind} to {wanted}: waiting for it to take the key")
-        why_not = _ineligible(v, v.me, old_master=old, planned=True)
+    if wanted is not None and wanted != v.me:
+        # the named member gets the key whenever it can; the others defer to it while it is eligible
+        # and, whatever its state, for one ttl; then the automatic rules apply
+        problem = _switchover_problem(v, wanted, old_master=old)
+        if problem is None or v.memory.leaderless_for < v.policy.ttl:
+            return Decision(
+                Action.WAIT,
+                f"{kind} to {wanted}: waiting for it to take the key" + (f" ({wanted}: {problem})" if problem else ""),
+            )
+    if wanted is not None and wanted == v.me:
+        if v.control.paused:
+            return Decision(Action.WAIT, f"paused: {kind} to me requested; would take the key")
+        why_not = _switchover_problem(v, v.me, old_master=old)
         if why_not:
             return Decision(Action.CLEAR_SWITCHOVER, f"{kind} to me refused: {why_not}")
         serving = [] if released else _seen_serving(v, old)
@@ -215,8 +243,11 @@ def _without_leader(v: ClusterView) -> Decision:
             )
         observers = _observers_down(v, old)
         if not observers:
-            return Decision(Action.WAIT, f"{lost}; waiting until clones confirm its CA is down ({_watch_summary(v, old)})")
-    cooldown = _cooldown(v)
+            return Decision(
+                Action.WAIT, f"{lost}; waiting until clones confirm its CA is down ({_watch_summary(v, old)})"
+            )
+    # A released key has no holder left to keep: the step-down itself was the (checked) decision.
+    cooldown = None if released else _cooldown(v)
     if cooldown:
         return Decision(Action.WAIT, f"{lost}; failover blocked: {cooldown}")
     ranked, rejected = _ranked(v, old_master=old)
@@ -224,18 +255,20 @@ def _without_leader(v: ClusterView) -> Decision:
         return Decision(Action.WAIT, f"{lost}; no eligible clone ({_list(rejected)})")
     if v.control.paused:
         return Decision(Action.WAIT, f"paused: {lost}; would elect {ranked[0]}")
-    # The winner gets one ttl to take the key; after each further ttl the next candidate may try.
-    allowed = ranked[: 1 + int(v.memory.leaderless_for // v.policy.ttl)]
-    if v.me in allowed:
-        skipped = ranked[: ranked.index(v.me)]
-        late = f" ({', '.join(skipped)} did not take the key within ttl)" if skipped else ""
+    # The winner gets one ttl to take the key; after each further ttl the next candidate gets its turn
+    # (round robin), so identical views never name two promoters.
+    rounds = int(v.memory.leaderless_for // v.policy.ttl)
+    chosen = ranked[rounds % len(ranked)]
+    if chosen == v.me:
+        skipped = ranked[: rounds % len(ranked)] if rounds < len(ranked) else [r for r in ranked if r != v.me]
+        late = f" ({', '.join(skipped)} did not take the key within ttl)" if rounds and skipped else ""
         return Decision(
             Action.PROMOTE,
             f"{lost}; elected {v.me} from {', '.join(ranked)}{late}",
             target=v.me,
             fence_old_master=not released,
         )
-    return Decision(Action.WAIT, f"{lost}; waiting for {allowed[-1]} to take the key (ranking {', '.join(ranked)})")
+    return Decision(Action.WAIT, f"{lost}; waiting for {chosen} to take the key (ranking {', '.join(ranked)})")
 
 
 def _bootstrap(v: ClusterView) -> Decision:
@@ -248,7 +281,9 @@ def _bootstrap(v: ClusterView) -> Decision:
             return Decision(Action.WAIT, f"bootstrap: {m}'s CS.cfg is the only master; waiting for it to take the key")
         if v.control.paused:
             return Decision(Action.WAIT, "paused: bootstrap: my CS.cfg is the only master; would take the key")
-        return Decision(Action.BOOTSTRAP, "bootstrap: my CS.cfg is the only master: taking the key", target=v.me, kind="bootstrap")
+        return Decision(
+            Action.BOOTSTRAP, "bootstrap: my CS.cfg is the only master: taking the key", target=v.me, kind="bootstrap"
+        )
     if not masters:
         seen = ", ".join(f"{s.name} {s.cscfg_role}" for s in states)
         return Decision(Action.WAIT, f"bootstrap: no CS.cfg master ({seen}); {hint}")
@@ -276,6 +311,8 @@ def _ineligible(v: ClusterView, name: str, old_master: str | None, planned: bool
     st = v.state_of(name)
     if st is None:
         return "no fresh member record"
+    if _stale(v, st):
+        return f"stale member record ({v.now - st.updated_at:.0f}s old)"
     if st.busy:
         return f"busy ({st.busy})"
     if st.cscfg_role in (ROLE_UNREADABLE, INCONSISTENT):
@@ -299,46 +336,63 @@ def _csn_time(csn: str) -> float | None:
     return float(int(csn[:8], 16)) if len(csn) == 20 else None
 
 
+def _reference(v: ClusterView, old_master: str | None) -> tuple[int | None, float | None]:
+    """The old master's replica id and the time of the newest change from it that any candidate (or the
+    old master's own fresh record) has."""
+    rid = v.memory.known_replica_ids.get(old_master) if old_master else None
+    reference = [st for m in v.members if not _ineligible(v, m.name, old_master) and (st := v.state_of(m.name))]
+    old_state = v.state_of(old_master) if old_master else None
+    if old_state is not None:
+        reference.append(old_state)
+    newest = max((_csn_of(s, rid) for s in reference), default="")
+    return rid, _csn_time(newest)
+
+
+def _lag_problem(v: ClusterView, name: str, old_master: str | None) -> str | None:
+    st = v.state_of(name)
+    rid, newest_t = _reference(v, old_master)
+    if st is None or newest_t is None:
+        return None
+    mine_t = _csn_time(_csn_of(st, rid))
+    lag = newest_t - mine_t if mine_t is not None else float("inf")
+    if lag > v.policy.maximum_lag:
+        return f"replication lag {lag:g}s > maximum_lag {v.policy.maximum_lag:g}s"
+    return None
+
+
+def _switchover_problem(v: ClusterView, name: str, old_master: str | None) -> str | None:
+    """Why a named switchover/failover target cannot take over (nofailover and cooldown do not apply)."""
+    return _ineligible(v, name, old_master, planned=True) or _lag_problem(v, name, old_master)
+
+
 def _ranked(v: ClusterView, old_master: str | None) -> tuple[list[str], list[str]]:
     """Eligible candidates, best first, and the rejected ones with their reasons."""
     rejected: list[str] = []
-    basic: list[MemberState] = []
+    eligible: list[MemberState] = []
     for m in v.members:
-        why = _ineligible(v, m.name, old_master)
+        why = _ineligible(v, m.name, old_master) or _lag_problem(v, m.name, old_master)
         if why:
             if m.name != old_master:
                 rejected.append(f"{m.name}: {why}")
             continue
         st = v.state_of(m.name)
         assert st is not None
-        basic.append(st)
-    rid = v.memory.known_replica_ids.get(old_master) if old_master else None
-    # who received most from the old master: its own record (if fresh) is the reference
-    reference = [s for s in basic]
-    old_state = v.state_of(old_master) if old_master else None
-    if old_state is not None:
-        reference.append(old_state)
-    newest = max((_csn_of(s, rid) for s in reference), default="")
-    newest_t = _csn_time(newest)
-    eligible: list[MemberState] = []
-    for st in basic:
-        mine = _csn_of(st, rid)
-        mine_t = _csn_time(mine)
-        if newest_t is not None:
-            lag = newest_t - mine_t if mine_t is not None else float("inf")
-            if lag > v.policy.maximum_lag:
-                rejected.append(f"{st.name}: replication lag {lag:g}s > maximum_lag {v.policy.maximum_lag:g}s")
-                continue
         eligible.append(st)
+    rid = v.memory.known_replica_ids.get(old_master) if old_master else None
 
-    def key(st: MemberState) -> tuple[str, int, str]:
+    def key(st: MemberState) -> tuple[str, int]:
         cfg = v.config_of(st.name)
-        return (_csn_of(st, rid), cfg.priority if cfg else 0, st.name)
+        return (_csn_of(st, rid), cfg.priority if cfg else 0)
 
     # highest CSN first, then highest priority, then name ascending
     eligible.sort(key=lambda s: s.name)
-    eligible.sort(key=lambda s: key(s)[:2], reverse=True)
+    eligible.sort(key=key, reverse=True)
     return [s.name for s in eligible], rejected
+
+
+def _stale(v: ClusterView, st: MemberState) -> bool:
+    """Another member's record older than one ttl is not trusted (the store should have expired it)."""
+    return st.name != v.me and v.now - st.updated_at > v.policy.ttl
 
 
 def _seen_serving(v: ClusterView, old: str | None) -> list[str]:
@@ -362,6 +416,7 @@ def _observers_down(v: ClusterView, old: str | None) -> list[str]:
         and st.watching == old
         and st.watched_status == CA_DOWN
         and st.watched_down_streak >= v.policy.failure_threshold
+        and not _stale(v, st)
     ]
 
 

@@ -13,21 +13,30 @@ class Metrics:
     def __init__(self, member: str) -> None:
         self.member = member
         r = self.registry = CollectorRegistry()
-        self.up = Gauge("ca_watchdog_member_up", "1 if the member's CA answers getStatus running", ["member"], registry=r)
+        self.up = Gauge(
+            "ca_watchdog_member_up", "1 if the member's CA answers getStatus running", ["member"], registry=r
+        )
         self.cscfg_role = Gauge(
             "ca_watchdog_cscfg_role", "1 for the role the member's CS.cfg has", ["member", "role"], registry=r
         )
         self.is_leader = Gauge("ca_watchdog_leader", "1 if this member holds the leader key", ["member"], registry=r)
         self.epoch = Gauge("ca_watchdog_epoch", "epoch of the current leader key (0: none)", registry=r)
         self.masters_seen = Gauge(
-            "ca_watchdog_masters_seen", "members whose CS.cfg is master, as this daemon sees them (must be 1)", registry=r
+            "ca_watchdog_masters_seen",
+            "members whose CS.cfg is master, as this daemon sees them (must be 1)",
+            registry=r,
         )
         self.leader_present = Gauge("ca_watchdog_leader_present", "1 if some member holds the leader key", registry=r)
         self.master_unmanaged = Gauge(
-            "ca_watchdog_master_unmanaged", "1 if the old master's lease ended while its CA is still seen serving", registry=r
+            "ca_watchdog_master_unmanaged",
+            "1 if the old master's lease ended while its CA is still seen serving",
+            registry=r,
         )
         self.failovers = Counter(
-            "ca_watchdog_failovers", "promotions carried out by this member, by kind and result", ["kind", "result"], registry=r
+            "ca_watchdog_failovers",
+            "promotions carried out by this member, by kind and result",
+            ["kind", "result"],
+            registry=r,
         )
         self.last_failover = Gauge(
             "ca_watchdog_last_failover_timestamp_seconds", "when this member last became master", registry=r

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from . import cscfg
 from .config import Settings, load_settings
 from .probes.agent import AgentProbe, AgentStatus
-from .service import ServiceControl, ServiceError, run_argv, service_for
+from .service import ServiceControl, ServiceError, run_argv
 from .store import open_store
 from .store.base import Store, StoreUnavailable
 
@@ -93,7 +93,10 @@ class LocalCA:
             return
         result = cscfg.write_cscfg(after, self.path, expected=before.render())
         log.info(
-            "wrote %s (%s changed; backup %s)", result.path, ", ".join(cscfg.changed_role_keys(before, after)), result.backup
+            "wrote %s (%s changed; backup %s)",
+            result.path,
+            ", ".join(cscfg.changed_role_keys(before, after)),
+            result.backup,
         )
 
     async def restart(self, journal: Journal = _no_journal) -> AgentStatus:
@@ -128,7 +131,9 @@ class LocalCA:
         if not info.ok:
             raise NodeError(f"getInfo failed after promotion: {info.error}")
         if info.master_host:
-            raise NodeError(f"getInfo still names master_host {info.master_host}: the CA did not load the master CS.cfg")
+            raise NodeError(
+                f"getInfo still names master_host {info.master_host}: the CA did not load the master CS.cfg"
+            )
         return PromotionTimes(stopped, written, started, running)
 
     async def demote(self, new_master: str, start: bool, journal: Journal = _no_journal) -> None:

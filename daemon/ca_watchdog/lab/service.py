@@ -49,7 +49,7 @@ def start(pidfile: Path, log: Path, argv: Sequence[str], guard_config: str | Non
         result = asyncio.run(_guard_main(load_settings(guard_config)))
         print(f"guard: {result.message}")
     with open(log, "ab") as out:
-        proc = subprocess.Popen(  # noqa: S603 - an argument list from our own lab configuration
+        proc = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     pidfile.write_text(f"{proc.pid}\n")

@@ -405,7 +405,7 @@ class Store(abc.ABC):
 
     # -- misc
     @abc.abstractmethod
-    async def watch_leader(self, timeout: float) -> None:  # noqa: ASYNC109 (waiting is the point)
+    async def watch_leader(self, timeout: float) -> None:
         """Wait up to `timeout` s; return early once the leader key differs from what the last
         get_leader() through this store saw (holder, epoch, presence; renewals do not count)."""
 

@@ -344,10 +344,11 @@ class EtcdStore(Store):
             if rec is not None:
                 r = await self._post("lease/timetolive", {"ID": str(kv.lease)})
                 left, granted = _i(r.get("TTL")), _i(r.get("grantedTTL"))
-                if left <= 0:
-                    rec = None  # expired between the two calls; etcd deletes the key now
+                if left < 0:
+                    rec = None  # -1: expired between the two calls; etcd deletes the key now
                 else:
-                    # etcd keeps no renewal time: infer it from the lease (whole seconds)
+                    # etcd keeps no renewal time: infer it from the lease (whole seconds, rounded
+                    # down, so 0 means "under a second left" and expires_at errs on the early side)
                     renewed = max(rec.acquired_at, t0 - max(0, granted - left))
                     rec = LeaderRecord(rec.name, rec.epoch, rec.acquired_at, renewed, t0 + left, rec.reason)
         self._leader_seen_rev = rev
@@ -655,7 +656,7 @@ class EtcdStore(Store):
 
     # ---- watch / close -------------------------------------------------------------------------
 
-    async def watch_leader(self, timeout: float) -> None:  # noqa: ASYNC109 (waiting is the point)
+    async def watch_leader(self, timeout: float) -> None:
         """An etcd watch on the leader key from just after the revision the last get_leader() saw,
         so a change in between is not missed; lease expiry arrives as a DELETE event."""
         loop = asyncio.get_running_loop()

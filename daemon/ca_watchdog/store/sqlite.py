@@ -122,7 +122,7 @@ class SQLiteStore(Store):
         try:
             conn = self._connect()
             return fn(conn)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:  # OSError: the file or its directory is gone
             raise StoreUnavailable(f"sqlite {self.path}: {exc}") from exc
         finally:
             self._lock.release()
@@ -427,7 +427,7 @@ class SQLiteStore(Store):
 
     # ---- watch / close -------------------------------------------------------------------------
 
-    async def watch_leader(self, timeout: float) -> None:  # noqa: ASYNC109 (waiting is the point)
+    async def watch_leader(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
         state: dict[str, Any] = {"dv": None, "writes": None}
