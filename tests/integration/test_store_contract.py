@@ -41,7 +41,8 @@ needs_etcd = pytest.mark.skipif(not os.access(ETCD_BINARY, os.X_OK), reason=f"{E
 def etcd_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdLab]:
     if not os.access(ETCD_BINARY, os.X_OK):
         pytest.skip(f"{ETCD_BINARY} not installed")
-    lab = EtcdLab(tmp_path_factory.mktemp("etcd"), *free_ports(2, 24790))
+    client, peer = free_ports(2, 24790)
+    lab = EtcdLab(tmp_path_factory.mktemp("etcd"), client, peer)
     lab.start()
     yield lab
     lab.stop()
@@ -120,8 +121,8 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         await s.close()
 
 
-async def wait_until(pred: Callable[[], Awaitable[bool]], limit: float, step: float = 0.1) -> float:
-    """Seconds until `pred` holds; fails the test after `limit`."""
+async def wait_until(pred: Callable[[], Awaitable[object]], limit: float, step: float = 0.1) -> float:
+    """Seconds until `pred` returns something true; fails the test after `limit`."""
     t0 = time.monotonic()
     while not await pred():
         if time.monotonic() - t0 > limit:
@@ -574,7 +575,8 @@ async def test_etcd_unreachable_endpoint_raises_store_unavailable_within_the_tim
 async def test_etcd_killed_mid_term_raises_store_unavailable_and_frozen_etcd_times_out(
     tmp_path: Path,
 ) -> None:
-    lab = EtcdLab(tmp_path / "etcd", *free_ports(2, 24800))
+    client, peer = free_ports(2, 24800)
+    lab = EtcdLab(tmp_path / "etcd", client, peer)
     lab.start()
     try:
         s = open_store(StoreSettings(backend="etcd", etcd=EtcdSettings((lab.endpoint,))), MEMBERS, TIMEOUT)
