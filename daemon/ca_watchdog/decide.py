@@ -337,13 +337,10 @@ def _csn_time(csn: str) -> float | None:
 
 
 def _reference(v: ClusterView, old_master: str | None) -> tuple[int | None, float | None]:
-    """The old master's replica id and the time of the newest change from it that any candidate (or the
-    old master's own fresh record) has."""
+    """The old master's replica id and the time of the newest change from it that any fresh record shows
+    (eligible or not: a clone whose CA is down still proves what the old master wrote)."""
     rid = v.memory.known_replica_ids.get(old_master) if old_master else None
-    reference = [st for m in v.members if not _ineligible(v, m.name, old_master) and (st := v.state_of(m.name))]
-    old_state = v.state_of(old_master) if old_master else None
-    if old_state is not None:
-        reference.append(old_state)
+    reference = [st for st in _all_states(v) if not _stale(v, st)]
     newest = max((_csn_of(s, rid) for s in reference), default="")
     return rid, _csn_time(newest)
 
@@ -447,7 +444,8 @@ def _cooldown(v: ClusterView) -> str | None:
 
 def _best_guess_successor(v: ClusterView) -> str | None:
     """Whom a self-fenced master's CS.cfg should name until the real new master is known."""
-    ranked, _ = _ranked(v, old_master=v.me)
+    old = v.memory.previous_leader or v.me
+    ranked = [name for name in _ranked(v, old_master=old)[0] if name != v.me]
     if ranked:
         return ranked[0]
     others = sorted((m for m in v.members if m.name != v.me), key=lambda m: (-m.priority, m.name))
