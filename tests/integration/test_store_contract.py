@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -26,9 +28,10 @@ import aiohttp
 import pytest
 
 from ca_watchdog.config import EtcdSettings, StoreSettings
-from ca_watchdog.lab.etcdlab import ETCD_BINARY, EtcdLab, free_ports
+from ca_watchdog.lab.etcdlab import ETCD_BINARY, EtcdLab, EtcdTLS, free_ports
 from ca_watchdog.store import open_store
 from ca_watchdog.store.base import Store, StoreUnavailable
+from ca_watchdog.store.etcd import EtcdStore
 
 MEMBERS = tuple(f"ca{i}" for i in range(1, 11))
 TIMEOUT = 1.0  # store timeout used by the tests
@@ -113,9 +116,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     else:
         lab: EtcdLab = request.getfixturevalue("etcd_lab")
         prefix = f"/ca-watchdog-test/{uuid.uuid4().hex}/"
-        b = Backend(
-            "etcd", StoreSettings(backend="etcd", etcd=EtcdSettings((lab.endpoint,), prefix=prefix)), lab
-        )
+        b = Backend("etcd", StoreSettings(backend="etcd", etcd=EtcdSettings((lab.endpoint,), prefix=prefix)), lab)
     yield b
     for s in b.stores:
         await s.close()
@@ -137,9 +138,7 @@ async def wait_until(pred: Callable[[], Awaitable[object]], limit: float, step: 
 async def test_only_one_of_many_concurrent_candidates_becomes_master(backend: Backend) -> None:
     stores = [backend.open() for _ in range(5)]
     names = [MEMBERS[i % len(MEMBERS)] for i in range(40)]
-    results = await asyncio.gather(
-        *(stores[i % 5].acquire_leader(n, TTL * 5, "race") for i, n in enumerate(names))
-    )
+    results = await asyncio.gather(*(stores[i % 5].acquire_leader(n, TTL * 5, "race") for i, n in enumerate(names)))
     winners = [r for r in results if r is not None]
     assert len(winners) == 1, winners
     leader = await stores[0].get_leader()
@@ -560,9 +559,7 @@ async def test_sqlite_store_in_a_missing_directory_or_corrupt_file_is_unavailabl
 @needs_etcd
 async def test_etcd_unreachable_endpoint_raises_store_unavailable_within_the_timeout() -> None:
     (port,) = free_ports(1, 24890)  # nothing listens there
-    s = open_store(
-        StoreSettings(backend="etcd", etcd=EtcdSettings((f"http://127.0.0.1:{port}",))), MEMBERS, TIMEOUT
-    )
+    s = open_store(StoreSettings(backend="etcd", etcd=EtcdSettings((f"http://127.0.0.1:{port}",))), MEMBERS, TIMEOUT)
     for call in (s.get_leader(), s.acquire_leader("ca1", 30, "x"), s.get_members(), s.watch_leader(5.0)):
         t0 = time.monotonic()
         with pytest.raises(StoreUnavailable):
@@ -611,3 +608,80 @@ async def test_etcd_client_fails_over_to_the_next_endpoint(etcd_lab: EtcdLab) ->
     leader = await s.get_leader()
     assert leader is not None and leader.name == "ca1"
     await s.close()
+
+
+@needs_etcd
+async def test_etcd_over_tls_with_client_certificates_and_a_password(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server, client, stranger = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1")
+    files: dict[str, str] = {}
+    for name, blob in [
+        ("ca.pem", ca.cert_pem),
+        ("server.pem", server.cert_chain_pems[0]),
+        ("server.key", server.private_key_pem),
+        ("client.pem", client.cert_chain_pems[0]),
+        ("client.key", client.private_key_pem),
+        ("stranger.pem", stranger.cert_chain_pems[0]),
+        ("stranger.key", stranger.private_key_pem),
+    ]:
+        blob.write_to_path(str(tmp_path / name))
+        files[name] = str(tmp_path / name)
+    (tmp_path / "password").write_text("s3cret\n")
+    tls = EtcdTLS(
+        files["server.pem"], files["server.key"], files["ca.pem"], True, files["client.pem"], files["client.key"]
+    )
+    client_port, peer_port = free_ports(2, 24820)
+    lab = EtcdLab(tmp_path / "etcd", client_port, peer_port, tls=tls)
+    lab.start()
+    try:
+        ctx = ssl.create_default_context(cafile=files["ca.pem"])
+        ctx.load_cert_chain(files["client.pem"], files["client.key"])
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http:
+            for path, body in [
+                ("auth/user/add", {"name": "root", "password": "s3cret"}),
+                ("auth/user/grant", {"user": "root", "role": "root"}),
+                ("auth/enable", {}),
+            ]:
+                async with http.post(f"{lab.endpoint}/v3/{path}", json=body) as r:
+                    assert r.status == 200, await r.text()
+        good = EtcdSettings(
+            (lab.endpoint,),
+            ca_file=files["ca.pem"],
+            cert_file=files["client.pem"],
+            key_file=files["client.key"],
+            username="root",
+            password_file=str(tmp_path / "password"),
+        )
+        s = open_store(StoreSettings(backend="etcd", etcd=good), MEMBERS, TIMEOUT)
+        rec = await s.acquire_leader("ca1", 30, "bootstrap")
+        assert rec is not None and rec.epoch == 1
+        assert isinstance(s, EtcdStore)
+        logins = 0
+        login = s._authenticate
+
+        async def counted() -> None:
+            nonlocal logins
+            logins += 1
+            await login()
+
+        s._authenticate = counted  # type: ignore[method-assign]
+        s._token = "expired-or-bogus"  # a token etcd no longer knows: the store must log in again
+        renewed = await s.renew_leader("ca1", 1, 30)
+        assert renewed is not None and logins == 1
+        await s.close()
+        # no password: the certificate's CN is not a user, so nothing is readable
+        nopw = dataclasses.replace(good, username=None, password_file=None, cert_file=files["stranger.pem"])
+        nopw = dataclasses.replace(nopw, key_file=files["stranger.key"])
+        s2 = open_store(StoreSettings(backend="etcd", etcd=nopw), MEMBERS, TIMEOUT)
+        with pytest.raises(StoreUnavailable):
+            await s2.get_leader()
+        await s2.close()
+        # no client certificate at all: the TLS handshake is refused
+        nocert = dataclasses.replace(good, cert_file=None, key_file=None)
+        s3 = open_store(StoreSettings(backend="etcd", etcd=nocert), MEMBERS, TIMEOUT)
+        with pytest.raises(StoreUnavailable):
+            await s3.get_leader()
+        await s3.close()
+    finally:
+        lab.stop()

@@ -172,9 +172,7 @@ class EtcdStore(Store):
 
     async def _authenticate(self) -> None:
         password = read_secret(self.settings.password_file) or ""
-        r = await self._post(
-            "auth/authenticate", {"name": self.settings.username, "password": password}, auth=False
-        )
+        r = await self._post("auth/authenticate", {"name": self.settings.username, "password": password}, auth=False)
         token = r.get("token")
         if not isinstance(token, str) or not token:
             raise StoreUnavailable("etcd: authentication answered without a token")
@@ -224,12 +222,7 @@ class EtcdStore(Store):
                 _i(data.get("code")),
                 str(data.get("message") or data.get("error") or f"HTTP {status}"),
             )
-            if (
-                auth
-                and self.settings.username
-                and not reauthed
-                and (code == CODE_UNAUTHENTICATED or "token" in msg)
-            ):
+            if auth and self.settings.username and not reauthed and (code == CODE_UNAUTHENTICATED or "token" in msg):
                 # simple tokens expire (5 min by default): get a new one and try again
                 reauthed = True
                 self._token = None
@@ -318,9 +311,7 @@ class EtcdStore(Store):
         if kv is None:
             return None
         if not kv.lease:
-            problems.append(
-                f"{KEY_LEADER}: ignored: the key has no lease (written by hand?); it blocks elections"
-            )
+            problems.append(f"{KEY_LEADER}: ignored: the key has no lease (written by hand?); it blocks elections")
             return None
         try:
             return decode_leader(kv.value, self.members, expires_at)
@@ -548,16 +539,12 @@ class EtcdStore(Store):
         if paused:
             # keep the first pause time: write only if the key does not exist
             await self._op(
-                self._txn(
-                    [self._cmp(KEY_PAUSED, "VERSION", 0)], [self._put_op(KEY_PAUSED, encode_at(time.time()))]
-                )
+                self._txn([self._cmp(KEY_PAUSED, "VERSION", 0)], [self._put_op(KEY_PAUSED, encode_at(time.time()))])
             )
         else:
             await self._op(self._post("kv/deleterange", {"key": b64(self._k(KEY_PAUSED))}))
 
-    async def request_switchover(
-        self, target: str, kind: SwitchoverKind, requested_by: str
-    ) -> SwitchoverRequest:
+    async def request_switchover(self, target: str, kind: SwitchoverKind, requested_by: str) -> SwitchoverRequest:
         self._check_member(target, "target")
         if kind not in ("switchover", "failover"):
             raise ValueError(f"kind must be switchover or failover, not {kind!r}")
@@ -572,9 +559,7 @@ class EtcdStore(Store):
 
     async def ack_cooldown(self) -> float:
         now = time.time()
-        await self._op(
-            self._post("kv/put", {"key": b64(self._k(KEY_COOLDOWN_ACK)), "value": b64(encode_at(now))})
-        )
+        await self._op(self._post("kv/put", {"key": b64(self._k(KEY_COOLDOWN_ACK)), "value": b64(encode_at(now))}))
         return now
 
     # ---- history -------------------------------------------------------------------------------
@@ -618,9 +603,7 @@ class EtcdStore(Store):
         if limit < 1:
             raise ValueError(f"limit must be >= 1, not {limit}")
         _, kvs = await self._op(
-            self._range(
-                HISTORY_DIR, prefix=True, sort_order="DESCEND", sort_target="CREATE", limit=str(limit)
-            )
+            self._range(HISTORY_DIR, prefix=True, sort_order="DESCEND", sort_target="CREATE", limit=str(limit))
         )
         out: list[HistoryEvent] = []
         problems: list[str] = []
