@@ -321,8 +321,10 @@ def _ineligible(v: ClusterView, name: str, old_master: str | None, planned: bool
         return f"CA {st.ca_status}"
     if not st.ds_ok:
         return "local 389-DS down"
-    if st.replication == "red":
-        return "replication red"
+    # an agreement toward the dead old master turns red at the first write: that is expected
+    red = [c for c in st.replication_red if c != old_master]
+    if red:
+        return f"replication red toward {', '.join(red)}"
     return None
 
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from . import cscfg
 from .config import Settings, load_settings
@@ -182,9 +183,11 @@ class Watchdog:
         self.watched_down_streak = self.watched_down_streak + 1 if ws is not None and ws.status == CA_DOWN else 0
         ds = obs.directory
         replication = "unknown"
+        red: list[str] = []
         if ds is not None and ds.ok:
             states = [a.state for a in ds.agreements]
             replication = max(states, key=lambda st: REPLICATION_STATES.get(st, 3)) if states else "green"
+            red = [self._consumer_name(a.consumer_host, a.consumer_port) for a in ds.agreements if a.state == "red"]
         report_agent: str | None = None
         if obs.cscfg is not None:
             h, p = obs.cscfg.get(cscfg.KEY_MASTER_HOST), obs.cscfg.get(cscfg.KEY_MASTER_PORT)
@@ -201,6 +204,7 @@ class Watchdog:
             ds_ok=bool(ds and ds.ok) if self.s.me.ldap_url else True,
             ds_error=ds.error if ds is not None else None,
             replication=replication,
+            replication_red=tuple(red),
             replica_id=ds.replica_id if ds is not None else None,
             max_csn={rid: str(c) for rid, c in ds.ruv_max_csn.items() if c is not None}
             if ds is not None and ds.ok
@@ -210,6 +214,15 @@ class Watchdog:
             watched_down_streak=self.watched_down_streak,
             busy=self.busy,
         )
+
+    def _consumer_name(self, host: str | None, port: int | None) -> str:
+        """The member whose directory an agreement feeds (by its configured ldap_url), else host:port."""
+        for m in self.s.members:
+            if m.ldap_url:
+                u = urlsplit(m.ldap_url)
+                if u.hostname == host and (u.port or (636 if u.scheme == "ldaps" else 389)) == port:
+                    return m.name
+        return f"{host}:{port}"
 
     # ---- store ------------------------------------------------------------------------------------
 
@@ -521,7 +534,17 @@ class Watchdog:
     async def _demote_and_release(self, d: Decision, v: ClusterView) -> None:
         assert d.target is not None
         await self.ca.demote(d.target, start=False, journal=self._journal)
-        await self._release(d.reason, d.target)
+        # keep trying to release until the lease would have ended anyway: holding the key with a
+        # demoted CA would make the next cycle "complete a promotion" of the CA that just failed
+        deadline = time.monotonic() + self.policy.ttl
+        while True:
+            try:
+                await self._release(d.reason, d.target)
+                return
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(self.policy.interval)
 
     async def _restart(self, d: Decision, v: ClusterView) -> None:
         self.restarted_in_incident = True

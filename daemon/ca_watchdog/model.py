@@ -59,6 +59,7 @@ class MemberState:
     ds_ok: bool = False
     ds_error: str | None = None
     replication: str = "unknown"  # worst agreement state: green | amber | red | unknown
+    replication_red: tuple[str, ...] = ()  # consumers (member names, else host:port) of red agreements
     replica_id: int | None = None
     max_csn: Mapping[int, str] = field(default_factory=dict)  # replica id -> max CSN (20 hex digits)
     watching: str | None = None  # the master this node probes
@@ -78,6 +79,7 @@ class MemberState:
             "ds_ok": self.ds_ok,
             "ds_error": self.ds_error,
             "replication": self.replication,
+            "replication_red": list(self.replication_red),
             "replica_id": self.replica_id,
             "max_csn": {str(k): v for k, v in self.max_csn.items()},
             "watching": self.watching,
@@ -106,6 +108,9 @@ class MemberState:
         if not isinstance(csn, dict):
             raise TypeError("max_csn must be a mapping")
         max_csn = {int(k): str(v) for k, v in csn.items() if isinstance(v, str) and len(v) == 20}
+        red = p.get("replication_red") or []
+        if not isinstance(red, list) or not all(isinstance(x, str) for x in red):
+            raise TypeError("replication_red must be a list of strings")
         rid = p.get("replica_id")
         if rid is not None and (not isinstance(rid, int) or isinstance(rid, bool)):
             raise TypeError("replica_id must be an integer")
@@ -121,6 +126,7 @@ class MemberState:
             ds_ok=bool(req("ds_ok", bool)),
             ds_error=opt_str("ds_error"),
             replication=req("replication", str),
+            replication_red=tuple(red),
             replica_id=rid,
             max_csn=max_csn,
             watching=opt_str("watching"),

@@ -310,7 +310,8 @@ def test_master_ca_down_with_no_eligible_clone_keeps_restarting_and_says_why_per
 
 def test_master_ca_down_with_no_eligible_clone_and_no_restart_configured_keeps_the_role() -> None:
     states = master_ca_down(
-        ca2=clone("ca2", seen=CA_DOWN, replication="red"), ca3=clone("ca3", seen=CA_DOWN, busy="restarting")
+        ca2=clone("ca2", seen=CA_DOWN, replication="red", replication_red=("ca3",)),
+        ca3=clone("ca3", seen=CA_DOWN, busy="restarting"),
     )
     pol = replace(POLICY, restart_before_failover=False)
     d = decide_for("ca1", states, policy=pol)
@@ -626,7 +627,7 @@ INELIGIBLE: dict[str, tuple[dict[str, Any], str]] = {
     "ca_down": ({"ca_status": CA_DOWN, "ca_down_streak": 1}, "CA down"),
     "ca_starting": ({"ca_status": CA_STARTING}, "CA starting"),
     "local_ds_down": ({"ds_ok": False, "ds_error": "timeout"}, "local 389-DS down"),
-    "replication_red": ({"replication": "red"}, "replication red"),
+    "replication_red": ({"replication": "red", "replication_red": ("ca3",)}, "replication red toward ca3"),
     "lag_over_maximum": ({"max_csn": {1: csn(POLICY.maximum_lag + 1)}}, "replication lag 61s > maximum_lag 60s"),
     "nothing_from_old_master": ({"max_csn": {3: csn(0, 3)}}, "replication lag inf"),
     "cscfg_unreadable": ({"cscfg_role": ROLE_UNREADABLE}, f"CS.cfg {ROLE_UNREADABLE}"),
@@ -665,6 +666,13 @@ def test_election_skips_a_clone_without_a_fresh_record() -> None:
     states = {"ca3": clone("ca3", seen=CA_DOWN)}
     d = decide_for("ca3", states, leader=None)
     expect(d, Action.PROMOTE, target="ca3", says=("elected ca3",))
+
+
+def test_election_agreement_red_only_toward_the_dead_old_master_stays_eligible() -> None:
+    # the first write on a clone turns its agreement toward the dead master red: expected, not a defect
+    states = master_host_gone(ca2=clone("ca2", seen=CA_DOWN, replication="red", replication_red=("ca1",)))
+    d = decide(view(me="ca2", leader=None, states=states, mem=memory(previous_leader="ca1", leaderless_for=0.0)))
+    assert d.action is Action.PROMOTE and d.target == "ca2"
 
 
 def test_election_lag_within_maximum_and_amber_replication_are_eligible() -> None:
@@ -819,7 +827,7 @@ def test_switchover_master_demotes_and_releases_the_key_for_the_named_clone() ->
     [
         (clone("ca3", ca_status=CA_DOWN, ca_down_streak=2), "CA down"),
         (clone("ca3", ds_ok=False), "local 389-DS down"),
-        (clone("ca3", replication="red"), "replication red"),
+        (clone("ca3", replication="red", replication_red=("ca2",)), "replication red"),
         (clone("ca3", cscfg_role=ROLE_UNREADABLE), "CS.cfg unreadable"),
         (clone("ca3", busy="follow"), "busy"),
         (clone("ca3", lag=POLICY.maximum_lag + 30), "maximum_lag"),
