@@ -10,10 +10,9 @@ import signal
 import time
 
 import pytest
+from scenario_lib import Scenario
 
 from ca_watchdog import cscfg
-
-from .conftest import Scenario
 
 pytestmark = pytest.mark.lab
 
