@@ -358,6 +358,7 @@ class DSLab:
     def _spawn(self, m: DSMember) -> subprocess.Popen[bytes]:
         if not m.config_dir.is_dir():
             raise DSLabError(f"instance {m.instance} does not exist ({m.config_dir})")
+        self._clear_stale_locks(m)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.state_dir / f"{m.name}.ns-slapd.out", "ab") as out:
             # -d 0: stay in the foreground, so Popen.pid is the server's pid (no fork, no pid-file race)
@@ -372,6 +373,23 @@ class DSLab:
         self._procs[m.name] = p
         return p
 
+    def _clear_stale_locks(self, m: DSMember) -> None:
+        """Remove server lock files naming a pid that is gone or a zombie.
+
+        ns-slapd refuses to start ("exited with 1", nothing in the errors log) while
+        /run/lock/dirsrv/slapd-<inst>/server/<pid> names a pid that kill(pid, 0) finds. A
+        SIGKILLed server that is not our child is reparented to PID 1, and PID 1 here (not an
+        init) never reaps it: the zombie keeps its pid, and the lock, forever.
+        """
+        lock_dir = Path(f"/run/lock/dirsrv/slapd-{m.instance}/server")
+        with contextlib.suppress(FileNotFoundError):
+            for f in lock_dir.iterdir():
+                if f.name.isdigit():
+                    pid = int(f.name)
+                    alive = _proc_state(pid) not in (None, "Z", "X") and _proc_comm(pid) == "ns-slapd"
+                    if not alive:
+                        f.unlink(missing_ok=True)
+
     def _wait_ready(self, m: DSMember, timeout: float) -> int:
         from ldap3.core.exceptions import (
             LDAPSessionTerminatedByServerError,
@@ -385,7 +403,9 @@ class DSLab:
         while time.monotonic() < deadline:
             if p.poll() is not None:
                 raise DSLabError(
-                    f"ns-slapd for {m.name} exited with {p.returncode} during start; errors log:\n"
+                    f"ns-slapd for {m.name} exited with {p.returncode} during start; output:\n"
+                    + _tail(self.state_dir / f"{m.name}.ns-slapd.out", 5)
+                    + "\nerrors log:\n"
                     + _tail(Path(f"/var/log/dirsrv/slapd-{m.instance}/errors"))
                 )
             try:

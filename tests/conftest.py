@@ -1,0 +1,65 @@
+"""Shared fixtures for the real lab.
+
+``ds_lab``: three 389-DS suppliers (ca1, ca2, ca3; replica ids 1..3; LDAP ports 38900..38902 on
+127.0.0.1; suffix o=pki-tomcat-CA) in full-mesh replication, created once per test session and
+removed at its end. Instance names start with ``cwtest-`` so the demo and manual labs never
+collide with it. A session holds the lab's lock for its whole life: a second pytest run on the
+same machine waits instead of killing servers under the first one.
+
+Set ``CA_WATCHDOG_KEEP_DSLAB=1`` to leave the lab running after the session; the next session
+then reuses it (``DSLab.up`` checks it is healthy) instead of spending ~11 s creating it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ca_watchdog.lab.dslab import NS_SLAPD, DSLab
+
+DS_NAMES = ("ca1", "ca2", "ca3")
+DS_BASE_PORT = 38900
+DS_PREFIX = "cwtest"
+# a fixed place (not tmp_path) so that a session that crashed leaves a lab the next one can find
+DS_STATE_DIR = Path(tempfile.gettempdir()) / f"ca-watchdog-dslab-{DS_PREFIX}"
+
+
+@pytest.fixture(scope="session")
+def ds_lab() -> Iterator[DSLab]:
+    """The session's 3-supplier 389-DS mesh (see the module docstring)."""
+    if not os.access(NS_SLAPD, os.X_OK):
+        pytest.skip(f"{NS_SLAPD} not installed (389-ds-base; scripts/setup.sh installs it)")
+    lab = DSLab(DS_NAMES, DS_BASE_PORT, DS_PREFIX, DS_STATE_DIR)
+    with lab.exclusive(timeout=240):
+        lab.up()
+        try:
+            yield lab
+        finally:
+            if os.environ.get("CA_WATCHDOG_KEEP_DSLAB") == "1":
+                restore_ds_lab(lab)
+            else:
+                lab.down()
+
+
+def restore_ds_lab(lab: DSLab, timeout: float = 60.0) -> None:
+    """Every member running, none frozen, replication converged: the state each test expects."""
+    for name in lab.names:
+        if lab.is_frozen(name):
+            lab.thaw(name)
+        if not lab.is_running(name):
+            lab.start(name)
+    lab.wait_replicated(timeout=timeout)
+
+
+@pytest.fixture
+def ds_mesh(ds_lab: DSLab) -> Iterator[DSLab]:
+    """``ds_lab``, checked healthy before the test and restored after it (also if it failed)."""
+    restore_ds_lab(ds_lab)
+    try:
+        yield ds_lab
+    finally:
+        restore_ds_lab(ds_lab)
