@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .decide import UNMANAGED
 from .model import CA_RUNNING, ClusterView, Decision
 from .store.base import StoreUnavailable
 
@@ -46,7 +47,7 @@ def cluster_json(view: ClusterView | None, decision: Decision | None, at: float)
         if view.leader
         else None,
         "previous_leader": view.memory.previous_leader,
-        "master_unmanaged": bool(decision and decision.reason.startswith("master unmanaged")),
+        "master_unmanaged": bool(decision and decision.reason.startswith(UNMANAGED)),
         "paused": view.control.paused,
         "switchover": {"target": view.control.switchover_target, "kind": view.control.switchover_kind}
         if view.control.switchover_target

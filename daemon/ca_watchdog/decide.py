@@ -28,6 +28,7 @@ from .model import (
 )
 
 MASTER, CLONE, INCONSISTENT = "master", "clone", "inconsistent"
+UNMANAGED = "master unmanaged"  # the reason's prefix when a lease ended but the old master still serves
 
 
 def decide(v: ClusterView) -> Decision:
@@ -119,7 +120,7 @@ def _as_leader(v: ClusterView) -> Decision:
         )
     if p.restart_before_failover and not v.memory.restarted_in_incident:
         return Decision(Action.RESTART_CA, f"{down}: restarting it once before failing over")
-    cooldown = _cooldown(v)
+    cooldown = cooldown_reason(v)
     if cooldown:
         return Decision(Action.RENEW, f"{down}, but {cooldown}; keeping the role")
     ranked, rejected = _ranked(v, old_master=v.me)
@@ -239,7 +240,7 @@ def _without_leader(v: ClusterView) -> Decision:
         if serving:
             return Decision(
                 Action.WAIT,
-                f"master unmanaged: {lost} but its CA is still seen serving by {', '.join(serving)}; no failover",
+                f"{UNMANAGED}: {lost} but its CA is still seen serving by {', '.join(serving)}; no failover",
             )
         observers = _observers_down(v, old)
         if not observers:
@@ -247,7 +248,7 @@ def _without_leader(v: ClusterView) -> Decision:
                 Action.WAIT, f"{lost}; waiting until clones confirm its CA is down ({_watch_summary(v, old)})"
             )
     # A released key has no holder left to keep: the step-down itself was the (checked) decision.
-    cooldown = None if released else _cooldown(v)
+    cooldown = None if released else cooldown_reason(v)
     if cooldown:
         return Decision(Action.WAIT, f"{lost}; failover blocked: {cooldown}")
     ranked, rejected = _ranked(v, old_master=old)
@@ -428,7 +429,7 @@ def _watch_summary(v: ClusterView, old: str | None) -> str:
     return ", ".join(parts) or "no clone reports"
 
 
-def _cooldown(v: ClusterView) -> str | None:
+def cooldown_reason(v: ClusterView) -> str | None:
     last = v.memory.last_failover_at
     if last is None or v.policy.failover_cooldown <= 0:
         return None

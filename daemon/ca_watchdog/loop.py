@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from . import cscfg
 from .config import Settings, load_settings
-from .decide import decide
+from .decide import UNMANAGED, cooldown_reason, decide
 from .metrics import REPLICATION_STATES, ROLES, Metrics
 from .model import (
     CA_DOWN,
@@ -554,6 +554,9 @@ class Watchdog:
     async def _self_fence(self, d: Decision, v: ClusterView) -> None:
         await self._history({"type": "self_fence", "name": self.me, "reason": d.reason})
         await self.ca.fence(d.target, self._journal)
+        # fenced: no longer the lease holder as far as this daemon knows; the store decides the rest
+        self.held_epoch = None
+        self.last_renew_mono = None
 
     async def _follow(self, d: Decision, v: ClusterView) -> None:
         assert d.target is not None
@@ -575,8 +578,8 @@ class Watchdog:
         m.leader_present.set(1 if view.leader else 0)
         m.is_leader.labels(self.me).set(1 if view.leader and view.leader.name == self.me else 0)
         m.paused.set(1 if view.control.paused else 0)
-        m.master_unmanaged.set(1 if d.reason.startswith("master unmanaged") else 0)
-        m.cooldown_active.set(1 if "cooldown" in d.reason and d.action in (Action.WAIT, Action.RENEW) else 0)
+        m.master_unmanaged.set(1 if d.reason.startswith(UNMANAGED) else 0)
+        m.cooldown_active.set(1 if cooldown_reason(view) else 0)
         states = [view.local, *view.records.values()]
         m.masters_seen.set(sum(1 for st in states if st.cscfg_role == "master"))
         for st in states:
@@ -624,7 +627,7 @@ class Watchdog:
             remaining = max(0.0, self.policy.interval - (time.monotonic() - started))
             waits: list[Awaitable[Any]] = [asyncio.sleep(remaining), self._wake.wait()]
             if self.held_epoch is None:
-                waits.append(self.store.watch_leader(remaining))  # wake at once when the key changes
+                waits.append(self._watch_leader(remaining))  # wake at once when the key changes
             tasks = [asyncio.ensure_future(w) for w in waits]
             try:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -634,6 +637,12 @@ class Watchdog:
                 for t in tasks:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await t
+
+    async def _watch_leader(self, seconds: float) -> None:
+        try:
+            await self.store.watch_leader(seconds)
+        except StoreUnavailable:
+            await asyncio.sleep(seconds)  # an unreachable store must not turn the wait into a busy loop
 
     def wake(self) -> None:
         """Run the next cycle now (a control call changed something)."""
