@@ -115,6 +115,21 @@ def _client(request: web.Request) -> str:
     return "client-certificate"
 
 
+async def failsafe(request: web.Request) -> web.Response:
+    """Whom this member follows and whether it reaches the store (a master's failsafe check)."""
+    _client(request)
+    wd = _wd(request)
+    leader = wd.last_leader_seen
+    return web.json_response(
+        {
+            "member": wd.me,
+            "store_ok": wd.store_ok,
+            "leader": leader[0] if leader else None,
+            "epoch": leader[1] if leader else None,
+        }
+    )
+
+
 async def _control(request: web.Request, action: str) -> web.Response:
     who = _client(request)
     wd = _wd(request)
@@ -149,6 +164,7 @@ def make_app(wd: Watchdog) -> web.Application:
     app.router.add_get("/cluster", cluster)
     app.router.add_get("/history", history)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/failsafe", failsafe)
     for action in ("switchover", "failover", "pause", "resume", "ack"):
 
         async def handler(request: web.Request, action: str = action) -> web.Response:

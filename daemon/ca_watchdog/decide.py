@@ -58,12 +58,22 @@ def _without_store(v: ClusterView) -> Decision:
     if v.local.cscfg_role == CLONE or (v.local.cscfg_role != MASTER and v.local.ca_status == CA_DOWN):
         # a clone CS.cfg cannot generate CRLs whatever the CA does (the guard may have started it as one)
         return Decision(Action.WAIT, f"{why}; self-fenced: CS.cfg is {v.local.cscfg_role}, CA {v.local.ca_status}")
+    others = sorted(m.name for m in v.members if m.name != v.me)
+    if others and set(others) <= set(v.failsafe_acks):
+        # Patroni's failsafe mode: nobody can reach the store, and every member still follows me
+        return Decision(
+            Action.WAIT,
+            f"{why}; failsafe: every member ({', '.join(others)}) acknowledges me as master over the peer API "
+            f"and cannot reach the store either; keeping the master role (lease not renewed for {age:.1f}s)",
+        )
     if v.control.paused:
         return Decision(Action.WAIT, f"paused: {why} and lease not renewed for {age:.1f}s; would self-fence")
+    missing = [n for n in others if n not in v.failsafe_acks]
     return Decision(
         Action.SELF_FENCE,
         f"{why}; lease not renewed for {age:.1f}s (>= ttl {v.policy.ttl:g}s - safety margin "
-        f"{v.policy.safety_margin:g}s): stopping the CA and demoting before another master can be elected",
+        f"{v.policy.safety_margin:g}s) and no failsafe acknowledgement from {', '.join(missing) or 'anyone'}: "
+        "stopping the CA and demoting before another master can be elected",
         target=_best_guess_successor(v),
     )
 

@@ -11,12 +11,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+import aiohttp
 
 from . import cscfg
 from .config import Settings, load_settings
@@ -131,6 +134,9 @@ class Watchdog:
         self.task: asyncio.Task[None] | None = None
         self.busy: str | None = None
         self.cycles = 0
+        self.store_ok = True
+        self.last_cycle_end: float | None = None
+        self._peer_session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
 
     # ---- observe ----------------------------------------------------------------------------------
@@ -282,15 +288,18 @@ class Watchdog:
             epoch=self.history.epoch,
         )
 
-    def _lease_overdue(self) -> bool:
-        if self.held_epoch is None or self.last_renew_mono is None:
+    def _stalled_past_lease(self) -> bool:
+        """This daemon itself was stalled (frozen, starved) past the point where it must self-fence."""
+        if self.held_epoch is None or self.last_renew_mono is None or self.last_cycle_end is None:
             return False
-        return time.monotonic() - self.last_renew_mono >= self.policy.ttl - self.policy.safety_margin
+        deadline = self.policy.ttl - self.policy.safety_margin
+        now = time.monotonic()
+        return now - self.last_cycle_end >= deadline - self.policy.interval and now - self.last_renew_mono >= deadline
 
     async def cycle(self) -> Decision:
         t0 = time.monotonic()
         now = time.time()
-        if self._lease_overdue() and self.last_local is not None:
+        if self._stalled_past_lease() and self.last_local is not None:
             # woke up late (frozen, overloaded): fence before spending time on probes
             view = self._view(now, self.last_local, {}, None, Flags(False, None, None, None), False, "lease overdue")
             return await self._decide_and_act(view, t0)
@@ -327,7 +336,11 @@ class Watchdog:
             await self._publish_crl(leader, obs)
         except StoreUnavailable as exc:
             store_ok, store_error = False, f"store unreachable: {exc}"
+        self.store_ok = store_ok
         self.metrics.store_up.set(1 if store_ok else 0)
+        acks: tuple[str, ...] = ()
+        if not store_ok and self.held_epoch is not None:
+            acks = await self._failsafe_acks(self.held_epoch)
         for name, st in records.items():
             if st.replica_id is not None:
                 self.known_rids[name] = st.replica_id
@@ -337,7 +350,39 @@ class Watchdog:
             mono = time.monotonic()
             self.leaderless_since = (self.leaderless_since or mono) if leader is None else None
         view = self._view(now, local, records, leader, flags, store_ok, store_error, tuple(problems))
+        view = replace(view, failsafe_acks=acks)
         return await self._decide_and_act(view, t0)
+
+    async def _failsafe_acks(self, epoch: int) -> tuple[str, ...]:
+        """Peers that, over the peer API, still follow me (same epoch) and cannot reach the store."""
+        peers = [m for m in self.s.members if m.name != self.me and m.api_url]
+        if not peers:
+            return ()
+        session = self._peers()
+
+        async def ask(url: str, name: str) -> str | None:
+            try:
+                async with session.get(url.rstrip("/") + "/failsafe") as r:
+                    body = await r.json() if r.status == 200 else {}
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                return None
+            ok = body.get("leader") == self.me and body.get("epoch") == epoch and body.get("store_ok") is False
+            return name if ok else None
+
+        answers = await asyncio.gather(*(ask(m.api_url, m.name) for m in peers if m.api_url))
+        return tuple(a for a in answers if a)
+
+    def _peers(self) -> aiohttp.ClientSession:
+        if self._peer_session is None or self._peer_session.closed:
+            t = self.s.tls
+            ctx = ssl.create_default_context(cafile=t.ca_file)
+            if t.cert_file and t.key_file:
+                ctx.load_cert_chain(t.cert_file, t.key_file)
+            self._peer_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ctx),
+                timeout=aiohttp.ClientTimeout(total=self.s.timing.agent_timeout),
+            )
+        return self._peer_session
 
     def _view(
         self,
@@ -383,6 +428,7 @@ class Watchdog:
             decision = replace(decision, reason=f"{decision.reason} (store: {exc})")
         self.report(view, decision, time.monotonic() - t0)
         self.cycles += 1
+        self.last_cycle_end = time.monotonic()
         return decision
 
     async def _publish_crl(self, leader: LeaderRecord | None, obs: Observation) -> None:
@@ -656,6 +702,8 @@ class Watchdog:
 
     async def shutdown(self) -> None:
         self.notifier.stopping()
+        if self._peer_session is not None:
+            await self._peer_session.close()
         if self.task is not None and not self.task.done():
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

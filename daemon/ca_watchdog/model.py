@@ -191,6 +191,7 @@ class ClusterView:
     store_error: str | None = None
     busy: str | None = None  # my long action in progress, if any
     problems: tuple[str, ...] = ()  # unreadable or foreign store records, reported but ignored
+    failsafe_acks: tuple[str, ...] = ()  # with the store down: peers that still follow me and cannot reach it
 
     def config_of(self, name: str) -> MemberConfig | None:
         return next((m for m in self.members if m.name == name), None)

@@ -454,6 +454,16 @@ def test_store_unreachable_master_self_fences_once_lease_age_reaches_ttl_minus_s
     assert d.target in ("ca2", "ca3")  # the CS.cfg is pointed somewhere sane until the new master is known
 
 
+def test_store_down_for_everyone_master_keeps_its_role_when_every_member_acknowledges_it_failsafe() -> None:
+    v = replace(cut_off(TTL + 60), failsafe_acks=("ca2", "ca3"))
+    expect(decide(v), Action.WAIT, says=("failsafe", "ca2, ca3", "keeping the master role"))
+
+
+def test_store_down_master_self_fences_when_one_member_does_not_acknowledge_it() -> None:
+    v = replace(cut_off(TTL - POLICY.safety_margin), failsafe_acks=("ca2",))
+    expect(decide(v), Action.SELF_FENCE, says=("no failsafe acknowledgement from ca3", "stopping the CA"))
+
+
 def test_store_unreachable_self_fence_is_idempotent_once_ca_stopped_and_cscfg_clone() -> None:
     fenced = clone("ca1", of="ca2", seen=None, ca_status=CA_DOWN, ca_down_streak=20)
     expect(decide(cut_off(TTL * 3, ca1=fenced)), Action.WAIT, says=("self-fenced",))

@@ -198,6 +198,8 @@ class LabCluster:
             "",
             "[tls]",
             f"ca_file = {_toml(str(self.pki.ca_cert))}",
+            f"cert_file = {_toml(str(self.pki.client_cert))}",
+            f"key_file = {_toml(str(self.pki.client_key))}",
             "",
             "[api]",
             'listen_host = "127.0.0.1"',
