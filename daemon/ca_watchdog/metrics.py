@@ -7,6 +7,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROLES = ("master", "clone", "inconsistent", "unreadable")
 REPLICATION_STATES = {"green": 0, "amber": 1, "red": 2, "unknown": 3}
+# Decision.kind values of a promotion, and its results: every combination is exported from the
+# start (at 0), so increase()/rate() see the first failover of a daemon's life.
+FAILOVER_KINDS = ("automatic", "switchover", "failover", "bootstrap")
+FAILOVER_RESULTS = ("success", "failed")
 
 
 class Metrics:
@@ -38,6 +42,9 @@ class Metrics:
             ["kind", "result"],
             registry=r,
         )
+        for kind in FAILOVER_KINDS:
+            for result in FAILOVER_RESULTS:
+                self.failovers.labels(kind, result)
         self.last_failover = Gauge(
             "ca_watchdog_last_failover_timestamp_seconds", "when this member last became master", registry=r
         )

@@ -1,0 +1,205 @@
+"""Runbook: the shipped systemd units load cleanly (`systemd-analyze verify`) and keep their promises.
+
+The units are copied into a scratch directory next to a stand-in `pki-tomcatd@.service` (Dogtag's
+shape: User=pkiuser), with their executables pointed at stand-in scripts, so verify resolves
+everything without the real packages or systemd as PID 1. Verify must print nothing at all: an
+unknown key or a bad value only gives a warning (exit status 0), so any output fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICE = ROOT / "systemd" / "ca-watchdog.service"
+DROPIN = ROOT / "systemd" / "pki-tomcatd@.service.d" / "ca-watchdog.conf"
+
+pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+
+FAKE_TOMCAT_UNIT = """\
+[Unit]
+Description=PKI Tomcat Server %i (stand-in for Dogtag's unit)
+
+[Service]
+Type=simple
+ExecStart={bin}/tomcat-server start
+ExecStop={bin}/tomcat-server stop
+SuccessExitStatus=143
+User=pkiuser
+Group=pkiuser
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _stage(tmp_path: Path, service_text: str | None = None, dropin_text: str | None = None) -> Path:
+    """Units dir with the shipped units (optionally replaced), executables pointed at stand-ins."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for exe in ("ca-watchdog", "tomcat-server"):
+        p = bindir / exe
+        p.write_text("#!/bin/sh\nexit 0\n")
+        p.chmod(0o755)
+    units = tmp_path / "units"
+    (units / "pki-tomcatd@.service.d").mkdir(parents=True)
+    service = (service_text or SERVICE.read_text()).replace("/usr/bin/ca-watchdog", f"{bindir}/ca-watchdog")
+    dropin = (dropin_text or DROPIN.read_text()).replace("/usr/bin/ca-watchdog", f"{bindir}/ca-watchdog")
+    (units / "ca-watchdog.service").write_text(service)
+    (units / "pki-tomcatd@.service.d" / "ca-watchdog.conf").write_text(dropin)
+    (units / "pki-tomcatd@.service").write_text(FAKE_TOMCAT_UNIT.format(bin=bindir))
+    return units
+
+
+def _analyze_verify(paths: list[Path], debug: bool = False) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SYSTEMD_LOG_LEVEL": "debug" if debug else "notice"}
+    return subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "--generators=no", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def dumped_unit(output: str, unit: str) -> str:
+    """The `-> Unit <unit>:` section of a debug verify's dump."""
+    start = output.index(f"-> Unit {unit}:")
+    end = output.find("-> Unit ", start + 1)
+    return output[start : end if end > 0 else len(output)]
+
+
+def problems(units: Path) -> list[str]:
+    """Everything systemd objects to, and every way its reading of the units differs from the intent.
+
+    - the service and an instance of pki-tomcatd@ (the drop-in with %i expanded) must verify silently;
+    - the template alone too: only then does systemd print the drop-in's own warnings;
+    - systemd's dump of what it parsed: unknown capability names, for one, are dropped without a word.
+    """
+    bindir = units.parent / "bin"
+    found = []
+    for paths in (
+        [units / "ca-watchdog.service", units / "pki-tomcatd@pki-tomcat.service"],
+        [units / "pki-tomcatd@.service"],
+    ):
+        r = _analyze_verify(paths)
+        if r.returncode != 0 or (r.stdout + r.stderr).strip():
+            found.append(f"verify {[p.name for p in paths]} (exit {r.returncode}):\n{r.stdout}{r.stderr}")
+    r = _analyze_verify([units / "ca-watchdog.service", units / "pki-tomcatd@pki-tomcat.service"], debug=True)
+    out = r.stdout + r.stderr
+    try:
+        svc = dumped_unit(out, "ca-watchdog.service")
+        tomcat = dumped_unit(out, "pki-tomcatd@pki-tomcat.service")
+    except ValueError:
+        return [*found, f"no unit dump from systemd-analyze verify:\n{out[-2000:]}"]
+    for line in (
+        "Type: notify\n",
+        "NotifyAccess: main\n",
+        "Restart: on-failure\n",
+        "WatchdogSec: 30s\n",
+        "ProtectSystem: strict\n",
+        "ProtectHome: yes\n",
+        "PrivateTmp: yes\n",
+        "CapabilityBoundingSet: cap_chown cap_dac_override cap_fowner\n",
+        "ReadWritePaths: /etc/pki /var/lib/ca-watchdog\n",
+        "StateDirectory: ca-watchdog\n",
+        f"Command Line: {bindir}/ca-watchdog run --config /etc/ca-watchdog/config.toml\n",
+    ):
+        if line not in svc:
+            found.append(f"systemd's view of ca-watchdog.service lacks {line!r}")
+    guard = f"Command Line: {bindir}/ca-watchdog guard --config /etc/ca-watchdog/config.toml pki-tomcat\n"
+    pre = tomcat.find("-> ExecStartPre:")
+    if pre < 0 or guard not in tomcat[pre : tomcat.find("-> ExecStart:", pre)]:
+        found.append("systemd's view of pki-tomcatd@pki-tomcat.service has no guard ExecStartPre= before ExecStart=")
+    return found
+
+
+def test_both_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    assert problems(_stage(tmp_path)) == []
+
+
+def _settings(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        m = re.match(r"^([A-Za-z]+)=(.*)$", line)
+        if m:
+            out.setdefault(m.group(1), []).append(m.group(2))
+    return out
+
+
+def test_the_service_is_a_hardened_notify_service_with_a_watchdog() -> None:
+    s = _settings(SERVICE.read_text())
+    assert s["Type"] == ["notify"]
+    assert s["NotifyAccess"] == ["main"]
+    assert s["WatchdogSec"] and s["WatchdogSec"][0] not in ("0", "infinity")
+    assert s["Restart"] == ["on-failure"]
+    assert s["ExecStart"] == ["/usr/bin/ca-watchdog run --config /etc/ca-watchdog/config.toml"]
+    for dep in ("network-online.target", "dirsrv.target"):
+        assert any(dep in v.split() for v in s["After"])
+        assert any(dep in v.split() for v in s["Wants"])
+    assert s["ProtectSystem"] == ["strict"]
+    # only what it writes: CS.cfg (and backups) under /etc/pki, the SQLite store
+    assert sorted(" ".join(s["ReadWritePaths"]).split()) == ["/etc/pki", "/var/lib/ca-watchdog"]
+    assert s["StateDirectory"] == ["ca-watchdog"]
+    for key in ("ProtectHome", "PrivateTmp", "NoNewPrivileges"):
+        assert s[key] == ["yes"], key
+    assert set(" ".join(s["CapabilityBoundingSet"]).split()) == {"CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE"}
+    assert any(v.startswith("ldap-password:") for v in s["LoadCredential"])
+    # systemctl must still reach PID 1 over AF_UNIX; UID 0 must stay UID 0
+    assert "AF_UNIX" in " ".join(s["RestrictAddressFamilies"]).split()
+    assert "PrivateUsers" not in s and "User" not in s and "DynamicUser" not in s
+
+
+def test_the_service_keeps_a_low_systemd_security_exposure(tmp_path: Path) -> None:
+    units = _stage(tmp_path)
+    r = subprocess.run(
+        [
+            "systemd-analyze",
+            "security",
+            "--offline=true",
+            "--threshold=30",
+            "--no-pager",
+            str(units / "ca-watchdog.service"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, f"exposure above 3.0:\n{r.stdout[-600:]}{r.stderr}"
+
+
+def test_the_guard_runs_as_root_before_tomcat_with_the_instance_name() -> None:
+    s = _settings(DROPIN.read_text())
+    assert "[Service]" in DROPIN.read_text()
+    assert s["ExecStartPre"] == ["+/usr/bin/ca-watchdog guard --config /etc/ca-watchdog/config.toml %i"]
+    assert "ExecStart" not in s  # a drop-in must not replace Dogtag's ExecStart=
+
+
+@pytest.mark.parametrize(
+    ("what", "service_edit", "dropin_edit"),
+    [
+        ("a missing executable", ("/usr/bin/ca-watchdog run", "/nonexistent/ca-watchdog run"), None),
+        ("an unknown key", ("\n[Service]\n", "\n[Service]\nWatchdogSecs=30s\n"), None),
+        ("a bad value", ("Type=notify", "Type=notifyy"), None),
+        ("a bad capability", ("=CAP_CHOWN CAP_FOWNER", "=CAP_CHOWN CAP_FOWNERS"), None),
+        ("a broken guard drop-in", None, ("/usr/bin/ca-watchdog guard", "/nonexistent/ca-watchdog guard")),
+        ("a typo in the drop-in", None, ("\nExecStartPre=+", "\nExecStartPer=+")),
+    ],
+)
+def test_verify_catches_a_broken_unit(
+    tmp_path: Path, what: str, service_edit: tuple[str, str] | None, dropin_edit: tuple[str, str] | None
+) -> None:
+    service, dropin = SERVICE.read_text(), DROPIN.read_text()
+    if service_edit:
+        assert service_edit[0] in service
+        service = service.replace(service_edit[0], service_edit[1], 1)
+    if dropin_edit:
+        assert dropin_edit[0] in dropin
+        dropin = dropin.replace(dropin_edit[0], dropin_edit[1], 1)
+    assert problems(_stage(tmp_path, service, dropin)), f"verify did not notice {what}"
