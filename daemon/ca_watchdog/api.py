@@ -6,6 +6,7 @@ configured CA (`api.client_ca_file`). Without TLS configured, state-changing cal
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -93,7 +94,12 @@ async def cluster(request: web.Request) -> web.Response:
 
 
 async def history(request: web.Request) -> web.Response:
-    return web.json_response(_wd(request).snapshot.history)
+    wd = _wd(request)
+    try:
+        events = await asyncio.wait_for(wd.store.get_history(200), wd.s.timing.store_timeout + 0.5)
+    except (StoreUnavailable, TimeoutError):
+        return web.json_response(wd.snapshot.history, headers={"X-CA-Watchdog-Stale": "store unreachable"})
+    return web.json_response([{"seq": e.seq, "at": e.at, **e.event} for e in events])
 
 
 async def metrics(request: web.Request) -> web.Response:

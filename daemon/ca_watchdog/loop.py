@@ -409,6 +409,7 @@ class Watchdog:
             leader=LeaderView(leader.name, leader.epoch, leader.expires_at) if leader else None,
             control=ControlView(
                 paused=flags.paused,
+                paused_at=flags.paused_at,
                 switchover_target=sw.target if sw else None,
                 switchover_kind=sw.kind if sw else None,
                 cooldown_ack_at=flags.cooldown_ack_at,
@@ -624,14 +625,17 @@ class Watchdog:
         m.leader_present.set(1 if view.leader else 0)
         m.is_leader.labels(self.me).set(1 if view.leader and view.leader.name == self.me else 0)
         m.paused.set(1 if view.control.paused else 0)
+        m.paused_since.set(view.control.paused_at or 0)
         m.master_unmanaged.set(1 if d.reason.startswith(UNMANAGED) else 0)
         m.cooldown_active.set(1 if cooldown_reason(view) else 0)
         states = [view.local, *view.records.values()]
         m.masters_seen.set(sum(1 for st in states if st.cscfg_role == "master"))
-        for st in states:
-            m.up.labels(st.name).set(1 if st.ca_status == CA_RUNNING else 0)
+        by_name = {st.name: st for st in states}
+        for member in self.members:  # a member without a fresh record is not up and has no known role
+            st = by_name.get(member.name)
+            m.up.labels(member.name).set(1 if st is not None and st.ca_status == CA_RUNNING else 0)
             for role in ROLES:
-                m.cscfg_role.labels(st.name, role).set(1 if st.cscfg_role == role else 0)
+                m.cscfg_role.labels(member.name, role).set(1 if st is not None and st.cscfg_role == role else 0)
         newest: dict[int, int] = {}
         for st in states:
             for rid, csn in st.max_csn.items():

@@ -146,6 +146,7 @@ class LeaderView:
 @dataclass(frozen=True)
 class ControlView:
     paused: bool = False
+    paused_at: float | None = None
     switchover_target: str | None = None
     switchover_kind: str | None = None  # "switchover" | "failover"
     cooldown_ack_at: float | None = None

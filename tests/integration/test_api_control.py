@@ -261,11 +261,6 @@ def test_ack_with_the_agent_certificate_is_recorded(lab: Lab) -> None:
     assert events[-1]["type"] == "ack" and events[-1]["by"] == "lab agent"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="api.py /history serves Watchdog.snapshot.history, which loop.py refreshes only when the leader "
-    "key changes: control calls (and everything after the last election) are missing until the next one",
-)
 def test_history_endpoint_shows_the_control_calls_of_the_store(lab: Lab) -> None:
     want = [(e.get("type"), e.get("by")) for e in lab.store_history()]
     assert ("ack", "lab agent") in want
