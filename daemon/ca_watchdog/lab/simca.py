@@ -159,10 +159,7 @@ class CRLDirectory:
             (f"ou=ca,{self.basedn}", "ca"),
             (f"ou=crlIssuingPoints,ou=ca,{self.basedn}", "crlIssuingPoints"),
         ):
-            if (
-                not conn.add(dn, ["top", "organizationalUnit"], {"ou": ou})
-                and conn.result.get("result") != 68
-            ):
+            if not conn.add(dn, ["top", "organizationalUnit"], {"ou": ou}) and conn.result.get("result") != 68:
                 raise OSError(f"LDAP add {dn}: {conn.result.get('description')}")
 
     def advance(self, issuing_point: str, writer: str, starting: int, next_after: dt.timedelta) -> CRLRecord:
@@ -356,9 +353,7 @@ class SimCA:
             )
             return web.Response(status=503, text=body, content_type="text/html")
         if self.s.status_fault == "garbage":
-            return web.Response(
-                status=200, body=b"\x00\x17<<garbage{{not dogtag", content_type="application/json"
-            )
+            return web.Response(status=200, body=b"\x00\x17<<garbage{{not dogtag", content_type="application/json")
         status = "running" if self.running() else "starting"
         if self.s.status_format == "xml":
             body = (
@@ -426,16 +421,12 @@ class SimCA:
         app.router.add_route("*", "/ca/agent/ca/updateCRL", self.update_crl)
         return app
 
-    async def serve(
-        self, stop: asyncio.Event, on_listening: Callable[[SimCA], Awaitable[None]] | None = None
-    ) -> None:
+    async def serve(self, stop: asyncio.Event, on_listening: Callable[[SimCA], Awaitable[None]] | None = None) -> None:
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
         crl_task: asyncio.Task[None] | None = None
         try:
-            site = web.TCPSite(
-                runner, self.s.host, self.s.port, ssl_context=self.ssl_context(), shutdown_timeout=1.0
-            )
+            site = web.TCPSite(runner, self.s.host, self.s.port, ssl_context=self.ssl_context(), shutdown_timeout=1.0)
             await site.start()
             server = site._server  # the bound port, when --port 0 asked for any free one
             sockets = getattr(server, "sockets", None) or []
