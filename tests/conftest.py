@@ -6,7 +6,8 @@ removed at its end. Instance names start with ``cwtest-`` so the demo and manual
 collide with it. A session holds the lab's lock for its whole life: a second pytest run on the
 same machine waits instead of killing servers under the first one.
 
-Set ``CA_WATCHDOG_KEEP_DSLAB=1`` to leave the lab running after the session; the next session
+``CA_WATCHDOG_DSLAB_PREFIX`` and ``CA_WATCHDOG_DSLAB_BASE_PORT`` choose another lab. Set
+``CA_WATCHDOG_KEEP_DSLAB=1`` to leave the lab running after the session; the next session
 then reuses it (``DSLab.up`` checks it is healthy) instead of spending ~11 s creating it.
 """
 
@@ -22,8 +23,10 @@ import pytest
 from ca_watchdog.lab.dslab import NS_SLAPD, DSLab
 
 DS_NAMES = ("ca1", "ca2", "ca3")
-DS_BASE_PORT = 38900
-DS_PREFIX = "cwtest"
+# overridable so that developers sharing one machine can each run a lab (e.g. prefix cwalice,
+# ports 39100..): sessions on the same prefix queue on its lock instead
+DS_BASE_PORT = int(os.environ.get("CA_WATCHDOG_DSLAB_BASE_PORT", "38900"))
+DS_PREFIX = os.environ.get("CA_WATCHDOG_DSLAB_PREFIX", "cwtest")
 # a fixed place (not tmp_path) so that a session that crashed leaves a lab the next one can find
 DS_STATE_DIR = Path(tempfile.gettempdir()) / f"ca-watchdog-dslab-{DS_PREFIX}"
 
