@@ -239,7 +239,7 @@ class AgentProbe:
 
     async def _get(self, url: str) -> tuple[int, bytes]:
         session = self._ensure_session()
-        # the session's total timeout covers connect, TLS handshake and body; wait_for is a backstop
+        # the session's total timeout covers connect, TLS handshake and body; asyncio.timeout is a backstop
         async with asyncio.timeout(self.timeout + 1.0), session.get(url, allow_redirects=False) as resp:
             return resp.status, await _read_limited(resp)
 
