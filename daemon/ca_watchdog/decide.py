@@ -413,7 +413,9 @@ def _seen_serving(v: ClusterView, old: str | None) -> list[str]:
         if st.name == old:
             if st.ca_status in (CA_RUNNING, CA_STARTING) and st.cscfg_role == MASTER:
                 names.append(f"{old} itself")
-        elif st.watching == old and st.watched_status in (CA_RUNNING, CA_STARTING):
+        elif (
+            st.watching == old and st.watched_status in (CA_RUNNING, CA_STARTING) and st.watched_role != CLONE
+        ):  # serving, and not provably as a clone (getInfo names a master_host): it may still make CRLs
             names.append(st.name)
     return names
 

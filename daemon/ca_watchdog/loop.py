@@ -61,6 +61,7 @@ class Observation:
     cscfg_problem: str | None
     watched: str | None
     watched_status: AgentStatus | None
+    watched_role: str | None
 
 
 @dataclass(frozen=True)
@@ -163,13 +164,22 @@ class Watchdog:
             )
         else:
             directory = _none()
-        watched_probe = self.probe.status(self.s.member(watched).agent_url) if watched else _none()
-        ca, ds, w = await asyncio.gather(self.ca.status(), directory, watched_probe)
+        watched_probe = self._watch(self.s.member(watched).agent_url) if watched else _none()
+        ca, ds, watched_result = await asyncio.gather(self.ca.status(), directory, watched_probe)
+        w, w_role = watched_result if watched_result is not None else (None, None)
         cfg, role, problem = self._read_cscfg()
         self.metrics.probe_latency.labels("agent").observe(ca.latency)
         if ds is not None:
             self.metrics.probe_latency.labels("ldap").observe(ds.latency)
-        return Observation(ca, ds, cfg, role, problem, watched, w)
+        return Observation(ca, ds, cfg, role, problem, watched, w, w_role)
+
+    async def _watch(self, url: str) -> tuple[AgentStatus, str | None]:
+        """The current master as a client sees it: getStatus, and getInfo to tell master from clone."""
+        st = await self.probe.status(url)
+        if st.status != CA_RUNNING:
+            return st, None
+        info = await self.probe.info(url)
+        return st, (("clone" if info.master_host else "master") if info.ok else None)
 
     def _local_state(self, obs: Observation, now: float) -> MemberState:
         mono = time.monotonic()
@@ -217,6 +227,7 @@ class Watchdog:
             else {},
             watching=obs.watched,
             watched_status=ws.status if ws is not None else None,
+            watched_role=obs.watched_role,
             watched_down_streak=self.watched_down_streak,
             busy=self.busy,
         )

@@ -64,6 +64,7 @@ class MemberState:
     max_csn: Mapping[int, str] = field(default_factory=dict)  # replica id -> max CSN (20 hex digits)
     watching: str | None = None  # the master this node probes
     watched_status: str | None = None
+    watched_role: str | None = None  # master | clone, from the watched CA's getInfo (None: unknown)
     watched_down_streak: int = 0
     busy: str | None = None  # a long action in progress (promoting, demoting, restarting)
 
@@ -84,6 +85,7 @@ class MemberState:
             "max_csn": {str(k): v for k, v in self.max_csn.items()},
             "watching": self.watching,
             "watched_status": self.watched_status,
+            "watched_role": self.watched_role,
             "watched_down_streak": self.watched_down_streak,
             "busy": self.busy,
         }
@@ -131,6 +133,7 @@ class MemberState:
             max_csn=max_csn,
             watching=opt_str("watching"),
             watched_status=opt_str("watched_status"),
+            watched_role=opt_str("watched_role"),
             watched_down_streak=int(p.get("watched_down_streak", 0)),
             busy=opt_str("busy"),
         )

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -115,6 +116,7 @@ class LabCluster:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
+        self.cluster_id = uuid.uuid4().hex[:12]  # its own etcd prefix: clusters may share one etcd
         for i, n in enumerate(self.names):
             self.nodes[n] = LabNode(n, self.base_port + i, self.base_port + 20 + i, self.root / n)
 
@@ -190,7 +192,7 @@ class LabCluster:
                 "",
                 "[store.etcd]",
                 f"endpoints = {_toml([self.etcd_endpoint])}",
-                f"prefix = {_toml('/' + self.root.name + '/')}",
+                f"prefix = {_toml('/ca-watchdog-lab-' + self.cluster_id + '/')}",
             ]
         lines += ["", "[timing]", *(f"{k} = {_toml(v)}" for k, v in self.timing.items())]
         lines += ["", "[failover]", *(f"{k} = {_toml(v)}" for k, v in self.failover.items())]
