@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PKGS=(
   libsystemd-dev pkg-config gcc python3-dev python3-venv   # systemd-python builds against libsystemd
+  libldap-dev libsasl2-dev                                 # python-ldap (needed by dogtag-pki's client)
   389-ds-base python3-lib389 ldap-utils                    # the real 389-DS lab
   etcd-server etcd-client                                  # the real etcd
   prometheus                                               # promtool
