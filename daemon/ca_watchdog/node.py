@@ -223,7 +223,7 @@ def _fallback_master(settings: Settings) -> str | None:
     return others[0].name if others else None
 
 
-async def _guard_main(settings: Settings) -> GuardResult:
+async def run_guard(settings: Settings) -> GuardResult:
     t = settings.timing
     try:
         store: Store | None = open_store(settings.store, [m.name for m in settings.members], t.store_timeout)
@@ -242,7 +242,7 @@ def cli_guard(args: argparse.Namespace) -> int:
     if args.instance and args.instance not in settings.node.service:
         print(f"ca-watchdog guard: note: instance {args.instance!r} is not in node.service {settings.node.service!r}")
     try:
-        result = asyncio.run(_guard_main(settings))
+        result = asyncio.run(run_guard(settings))
     except cscfg.CSCfgWriteError as exc:
         print(f"ca-watchdog guard: {exc}; refusing to let the CA start")
         return 1

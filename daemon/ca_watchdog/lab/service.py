@@ -44,9 +44,9 @@ def start(pidfile: Path, log: Path, argv: Sequence[str], guard_config: str | Non
         return 0
     if guard_config:
         from ..config import load_settings
-        from ..node import _guard_main
+        from ..node import run_guard
 
-        result = asyncio.run(_guard_main(load_settings(guard_config)))
+        result = asyncio.run(run_guard(load_settings(guard_config)))
         print(f"guard: {result.message}")
     with open(log, "ab") as out:
         proc = subprocess.Popen(
