@@ -1,0 +1,142 @@
+"""The guard (ExecStartPre= of pki-tomcatd@): before the CA starts, CS.cfg is made to agree with the
+store. Real CS.cfg files, a real SQLite store; an unreachable etcd endpoint for "store down"."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ca_watchdog import cscfg
+from ca_watchdog.config import Settings, parse_settings
+from ca_watchdog.lab.etcdlab import free_ports
+from ca_watchdog.node import guard, run_guard
+from ca_watchdog.store import open_store
+from ca_watchdog.store.base import Store
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def settings(tmp_path: Path, me: str = "ca1", store: dict[str, Any] | None = None) -> Settings:
+    members = [
+        {"name": n, "agent_url": f"https://{n}.example.test:8443", "priority": p}
+        for n, p in (("ca1", 100), ("ca2", 200), ("ca3", 100))
+    ]
+    return parse_settings(
+        {
+            "node": {"name": me, "cs_cfg": str(tmp_path / "CS.cfg")},
+            "cluster": {"members": members},
+            "store": store or {"backend": "sqlite", "path": str(tmp_path / "state.db")},
+            "timing": {"store_timeout": 0.5, "interval": 1.0, "ttl": 10.0},
+        },
+        "test",
+    )
+
+
+def store_of(s: Settings) -> Store:
+    return open_store(s.store, [m.name for m in s.members], s.timing.store_timeout)
+
+
+@pytest.fixture
+def master_file(tmp_path: Path) -> Path:
+    p = tmp_path / "CS.cfg"
+    shutil.copy(FIXTURES / "CS.cfg.master.sample", p)
+    return p
+
+
+def role_and_target(path: Path) -> tuple[str, str | None]:
+    cfg = cscfg.read_cscfg(path)
+    return cscfg.classify(cfg).role.value, cfg.get(cscfg.KEY_MASTER_HOST)
+
+
+async def test_bootstrap_empty_store_leaves_the_master_cscfg_as_it_is(tmp_path: Path, master_file: Path) -> None:
+    s = settings(tmp_path)
+    before = master_file.read_bytes()
+    async with store_of(s) as st:
+        result = await guard(s, st)
+    assert not result.changed and "bootstrap" in result.message
+    assert master_file.read_bytes() == before
+
+
+async def test_this_node_holds_the_key_its_master_cscfg_is_left_alone(tmp_path: Path, master_file: Path) -> None:
+    s = settings(tmp_path)
+    before = master_file.read_bytes()
+    async with store_of(s) as st:
+        assert await st.acquire_leader("ca1", 10, "test")
+        result = await guard(s, st)
+    assert not result.changed and "ca1 holds the leader key" in result.message
+    assert master_file.read_bytes() == before
+
+
+async def test_old_master_returning_while_another_holds_the_key_starts_as_its_clone(
+    tmp_path: Path, master_file: Path
+) -> None:
+    s = settings(tmp_path)
+    before = cscfg.unrelated_lines(cscfg.read_cscfg(master_file))
+    async with store_of(s) as st:
+        assert await st.acquire_leader("ca3", 10, "failover")
+        result = await guard(s, st)
+    assert result.changed and "ca3 holds the leader key" in result.message and "was master" in result.message
+    assert role_and_target(master_file) == ("clone", "ca3.example.test")
+    assert cscfg.unrelated_lines(cscfg.read_cscfg(master_file)) == before
+    assert list(tmp_path.glob("CS.cfg.*.ca-watchdog")), "no backup was made"
+
+
+async def test_no_master_holds_the_key_after_a_failover_history_points_the_clone_at_the_last_master(
+    tmp_path: Path, master_file: Path
+) -> None:
+    s = settings(tmp_path)
+    async with store_of(s) as st:
+        rec = await st.acquire_leader("ca3", 10, "earlier")
+        assert rec is not None
+        await st.append_history({"type": "acquired", "name": "ca3", "epoch": rec.epoch})
+        assert await st.release_leader("ca3", rec.epoch, "test")
+        result = await guard(s, st)
+    assert result.changed and "no master holds the key" in result.message
+    assert role_and_target(master_file) == ("clone", "ca3.example.test")
+
+
+async def test_store_unreachable_the_ca_starts_as_a_clone_of_the_highest_priority_peer(
+    tmp_path: Path, master_file: Path
+) -> None:
+    (port,) = free_ports(1, 24990)
+    s = settings(tmp_path, store={"backend": "etcd", "etcd": {"endpoints": [f"http://127.0.0.1:{port}"]}})
+    result = await run_guard(s)
+    assert result.changed and "store unreachable" in result.message
+    assert role_and_target(master_file) == ("clone", "ca2.example.test")
+
+
+async def test_guard_twice_is_a_no_op_the_second_time(tmp_path: Path, master_file: Path) -> None:
+    s = settings(tmp_path)
+    async with store_of(s) as st:
+        assert await st.acquire_leader("ca2", 10, "x")
+        assert (await guard(s, st)).changed
+        after = master_file.read_bytes()
+        second = await guard(s, st)
+    assert not second.changed and "already a clone of ca2" in second.message
+    assert master_file.read_bytes() == after
+
+
+def test_guard_command_refuses_a_malformed_cscfg_with_exit_2_and_touches_nothing(tmp_path: Path) -> None:
+    p = tmp_path / "CS.cfg"
+    shutil.copy(FIXTURES / "CS.cfg.malformed.sample", p)
+    before = p.read_bytes()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[node]\nname = "ca1"\ncs_cfg = "{p}"\n[store]\npath = "{tmp_path / "s.db"}"\n'
+        '[[cluster.members]]\nname = "ca1"\nagent_url = "https://ca1.example.test:8443"\n'
+        '[[cluster.members]]\nname = "ca2"\nagent_url = "https://ca2.example.test:8443"\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "ca_watchdog.cli", "guard", "--config", str(cfg), "pki-tomcat"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert str(p) in out.stderr and ":42:" in out.stderr
+    assert p.read_bytes() == before
