@@ -251,7 +251,7 @@ class Watchdog:
 
     async def _refresh_history(self, leader: LeaderRecord | None) -> None:
         epoch = await self._call(self.store.get_epoch())
-        events = await self._call(self.store.get_history(100))
+        events = await self._call(self.store.get_history(50))
         previous, released, last_failover = None, False, None
         acquired_epoch = 0
         for e in events:
@@ -265,8 +265,8 @@ class Watchdog:
                 and int(ev.get("epoch", -1)) == acquired_epoch
             ):
                 released = True
-            elif ev.get("type") == "promoted" and ev.get("kind") == "automatic":
-                last_failover = e.at
+            if ev.get("type") in ("acquired", "promoted") and ev.get("kind") == "automatic":
+                last_failover = e.at  # an automatic failover counts from the moment a clone took the key
         if leader is not None:
             previous, released = leader.name, False
         self.history = HistoryFacts(max(epoch, leader.epoch if leader else 0), previous, released, last_failover)
@@ -335,10 +335,9 @@ class Watchdog:
                     records[name] = MemberState.from_payload(name, rec.payload)
                 except (KeyError, TypeError, ValueError) as exc:
                     problems.append(f"member record of {name} unreadable ({exc}); ignored")
-            key = (leader.name, leader.epoch) if leader else None
-            if key != self.last_leader_seen or leader is None or self.cycles == 0:
-                await self._refresh_history(leader)
-            self.last_leader_seen = key
+            # every cycle: the cooldown and "who was master" must never be decided on stale history
+            await self._refresh_history(leader)
+            self.last_leader_seen = (leader.name, leader.epoch) if leader else None
             if leader is not None and leader.name == self.me:
                 self.held_epoch = leader.epoch
             elif self.held_epoch is not None and (leader is None or leader.name != self.me):

@@ -59,6 +59,8 @@ def scenario(request: pytest.FixtureRequest, ds_mesh: DSLab, store_backend: str,
     try:
         c.start()
         sc.wait_master("ca1", 60)
+        # every member up and published: a runbook starts from a healthy cluster
+        sc.wait(lambda: all(r["ca"] == "running" for r in sc.status()["members"]), 60, "every CA running")
         sc.checker = InvariantChecker(c, period=0.2).start()
         yield sc
         violations = sc.checker.stop()
