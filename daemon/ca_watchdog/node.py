@@ -145,9 +145,10 @@ class LocalCA:
         needs_write = after.render() != before.render()
         status = await self.status()
         if needs_write or role is not cscfg.Role.CLONE:
-            if status.status != "down":
-                await journal(f"demote: stopping (new master {new_master})")
-                await self.stop()
+            # stop even a CA that looks down: a hung (SIGSTOPped, swapping) Tomcat answers nothing but
+            # keeps the master configuration it read at start, and serves it again when it wakes up
+            await journal(f"demote: stopping (new master {new_master})")
+            await self.stop()
             await journal(f"demote: writing CS.cfg (new master {new_master})")
             self._write(before, after)
             status = await self.status()

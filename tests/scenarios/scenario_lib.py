@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import ssl
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from ca_watchdog.lab.cluster import LabCluster
@@ -88,6 +91,30 @@ class Scenario:
                 order.append(w)
         return order
 
+    def serving_master(self) -> str | None:
+        """The one CA serving as master while every other serves as its clone, and it holds the key."""
+        s = self.serving()
+        masters = [n for n, v in s.items() if v == "master"]
+        if len(masters) != 1 or any(v != "clone" for n, v in s.items() if n != masters[0]):
+            return None
+        return masters[0] if self.leader() == masters[0] else None
+
+    def wait_converged(self, timeout: float = 90) -> str:
+        """Wait until exactly one CA serves as master (the key holder) and the others as its clones."""
+        found: list[str] = []
+
+        def ok() -> bool:
+            m = self.serving_master()
+            if m:
+                found[:] = [m]
+            return m is not None
+
+        self.wait(ok, timeout, "exactly one serving master holding the key, the others serving clones")
+        return found[0]
+
+    def events(self, *types: str) -> list[dict[str, Any]]:
+        return [e for e in self.history() if e.get("type") in types]
+
     def debug(self) -> str:
         parts = []
         for n, node in self.c.nodes.items():
@@ -95,3 +122,53 @@ class Scenario:
                 tail = node.daemon_log.read_text(errors="replace").splitlines()[-12:]
                 parts.append(f"--- {n} daemon.log\n" + "\n".join(tail))
         return "\n".join(parts)
+
+
+# the fault suites' clusters: base ports 20000..20960 (agent base+i, API base+20+i), never the
+# ports of conftest's `scenario` fixture (18500..)
+_fault_ports = itertools.count(0)
+
+
+def next_fault_port() -> int:
+    return 20000 + (next(_fault_ports) * 40) % 1000
+
+
+@contextlib.contextmanager
+def fault_scenario(
+    root: Path,
+    ds: DSLab,
+    store_backend: str = "sqlite",
+    etcd_endpoint: str | None = None,
+    *,
+    expect_unreadable: frozenset[str] = frozenset(),
+    prepare: Callable[[Scenario], None] | None = None,
+    period: float = 0.2,
+    **options: Any,
+) -> Iterator[Scenario]:
+    """Like conftest's `scenario` fixture (3 nodes, ca1 master, invariants checked throughout and at
+    the end), with the fault suites' ports, a `prepare` step run before the checker starts (e.g.
+    corrupting a CS.cfg) and CS.cfg files that are expected to be unreadable."""
+    c = LabCluster(
+        root, base_port=next_fault_port(), ds=ds, store_backend=store_backend, etcd_endpoint=etcd_endpoint, **options
+    )
+    c.build()
+    sc = Scenario(c, ds, time.time())
+    try:
+        c.start()
+        sc.wait_master("ca1", 60)
+        if sc.wait_converged(60) != "ca1":
+            raise AssertionError("the lab did not start with ca1 as master")
+        if prepare is not None:
+            prepare(sc)
+        sc.checker = InvariantChecker(c, period=period, expect_unreadable=expect_unreadable).start()
+        checker = sc.checker
+        sc.wait(lambda: bool(checker.samples), 30, "the invariant checker's first sample")
+        yield sc
+        violations = sc.checker.stop()
+        assert not violations, "safety invariants violated:\n" + "\n".join(violations) + "\n" + sc.debug()
+        problems = sc.crl_problems()
+        assert not problems, "\n".join(problems)
+    finally:
+        if sc.checker is not None:
+            sc.checker.stop()
+        c.stop()

@@ -110,6 +110,7 @@ class LabCluster:
     failover: dict[str, Any] = field(default_factory=lambda: {"restart_before_failover": False})
     priorities: dict[str, int] = field(default_factory=dict)
     status_format: str = "json"
+    ca_args: dict[str, list[str]] = field(default_factory=dict)  # extra simca options per node (faults)
     nodes: dict[str, LabNode] = field(default_factory=dict)
     daemons: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     pki: LabPKIFiles | None = None
@@ -155,7 +156,7 @@ class LabCluster:
                 "--ldap-url", self.ds.ldap_url(node.name), "--ldap-bind-dn", self.ds.bind_dn,
                 "--ldap-password-file", str(self.ds.password_file), "--crl-interval", "1",
             ]  # fmt: skip
-        return argv
+        return argv + list(self.ca_args.get(node.name, ()))
 
     def _config_text(self, node: LabNode) -> str:
         assert self.pki is not None
@@ -248,6 +249,28 @@ class LabCluster:
             raise RuntimeError(f"CA of {name} is not running")
         os.kill(pid, sig)
         return pid
+
+    def freeze_ca(self, name: str) -> int:
+        """SIGSTOP the CA: the port still accepts connections, nothing answers (a hung Tomcat)."""
+        return self.kill_ca(name, signal.SIGSTOP)
+
+    def thaw_ca(self, name: str) -> int | None:
+        """SIGCONT the CA if it still runs (its daemon may have stopped it meanwhile)."""
+        pid = self.ca_pid(name)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        return pid
+
+    def daemon_pid(self, name: str) -> int | None:
+        proc = self.daemons.get(name)
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def set_ca_args(self, name: str, args: Sequence[str]) -> None:
+        """Extra simca options for the next start of `name`'s CA (rewrites its daemon config)."""
+        self.ca_args[name] = list(args)
+        node = self.nodes[name]
+        node.config.write_text(self._config_text(node))
 
     def start_daemon(self, name: str) -> None:
         node = self.nodes[name]

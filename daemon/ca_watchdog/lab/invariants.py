@@ -128,6 +128,18 @@ class InvariantChecker:
     def first(self, predicate: Any, after: float = 0.0) -> Sample | None:
         return next((s for s in self.samples if s.at >= after and predicate(s)), None)
 
+    def master_sequence(self, after: float = 0.0) -> list[str]:
+        """The CAs seen serving as master, in order, each run of samples counted once (gaps ignored):
+        ["ca1", "ca2"] is one failover, ["ca1", "ca2", "ca1"] a ping-pong."""
+        out: list[str] = []
+        for s in list(self.samples):
+            if s.at < after:
+                continue
+            for name in sorted(n for n, v in s.serving.items() if v == "master"):
+                if not out or out[-1] != name:
+                    out.append(name)
+        return out
+
 
 def crl_write_log(ds: DSLab, names: list[str], issuing_point: str = "MasterCRL") -> list[tuple[str, str, int]]:
     """Every (time, writer, number) the simulated CAs logged, merged over all reachable servers."""
