@@ -1,6 +1,6 @@
 """Shared fixtures for the real lab.
 
-``ds_lab``: three 389-DS suppliers (ca1, ca2, ca3; replica ids 1..3; LDAP ports 38900..38902 on
+``ds_lab``: three 389-DS suppliers (ca1, ca2, ca3; replica ids 1..3; LDAP ports 13890..13892 on
 127.0.0.1; suffix o=pki-tomcat-CA) in full-mesh replication, created once per test session and
 removed at its end. Instance names start with ``cwtest-`` so the demo and manual labs never
 collide with it. A session holds the lab's lock for its whole life: a second pytest run on the
@@ -25,7 +25,7 @@ from ca_watchdog.lab.dslab import NS_SLAPD, DSLab
 DS_NAMES = ("ca1", "ca2", "ca3")
 # overridable so that developers sharing one machine can each run a lab (e.g. prefix cwalice,
 # ports 39100..): sessions on the same prefix queue on its lock instead
-DS_BASE_PORT = int(os.environ.get("CA_WATCHDOG_DSLAB_BASE_PORT", "38900"))
+DS_BASE_PORT = int(os.environ.get("CA_WATCHDOG_DSLAB_BASE_PORT", "13890"))
 DS_PREFIX = os.environ.get("CA_WATCHDOG_DSLAB_PREFIX", "cwtest")
 # a fixed place (not tmp_path) so that a session that crashed leaves a lab the next one can find
 DS_STATE_DIR = Path(tempfile.gettempdir()) / f"ca-watchdog-dslab-{DS_PREFIX}"

@@ -27,7 +27,7 @@ from ..store import open_store
 from .cluster import LabCluster
 from .dslab import DSLab
 
-DS_BASE_PORT = 38600
+DS_BASE_PORT = 13860  # below the ephemeral range (32768+): no clash with outgoing connections
 CA_BASE_PORT = 18340
 
 
