@@ -879,7 +879,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("command", choices=("up", "down", "status", "kill", "stop", "start", "freeze", "thaw"))
     ap.add_argument("member", nargs="?", help="member name for kill/stop/start/freeze/thaw")
     ap.add_argument("--names", default="ca1,ca2,ca3", help="comma-separated member names (default ca1,ca2,ca3)")
-    ap.add_argument("--base-port", type=int, default=38800, help="LDAP port of the first member (default 38800)")
+    ap.add_argument("--base-port", type=int, default=13800, help="LDAP port of the first member (default 13800)")
     ap.add_argument("--prefix", default="cwlab", help="instance name prefix (default cwlab)")
     ap.add_argument("--state-dir", help="default /tmp/ca-watchdog-dslab-<prefix>")
     ap.add_argument("--password", default=DEFAULT_DM_PASSWORD, help="Directory Manager password")
