@@ -116,6 +116,16 @@ def _as_leader(v: ClusterView) -> Decision:
         return Decision(
             Action.PROMOTE, f"I hold the key (epoch {epoch}) but CS.cfg is clone: completing the promotion", target=v.me
         )
+    unfinished = v.memory.unfinished_step
+    if local.ca_status == CA_DOWN and unfinished and unfinished.startswith("promote"):
+        # an earlier run died mid-promotion (CS.cfg already master, CA not started yet): finish it
+        if v.control.paused:
+            return Decision(Action.RENEW, f"paused: a promotion was interrupted at {unfinished!r}; would complete it")
+        return Decision(
+            Action.PROMOTE,
+            f"I hold the key (epoch {epoch}); a promotion was interrupted at {unfinished!r}: completing it",
+            target=v.me,
+        )
     if local.ca_status == CA_RUNNING:
         return Decision(Action.RENEW, f"healthy master; lease renewed (epoch {epoch})")
     if local.ca_status == CA_STARTING:

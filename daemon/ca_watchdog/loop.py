@@ -136,6 +136,7 @@ class Watchdog:
         self.busy: str | None = None
         self.cycles = 0
         self.store_ok = True
+        self.unfinished_step: str | None = None
         self.last_cycle_end: float | None = None
         self._peer_session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
@@ -297,6 +298,7 @@ class Watchdog:
             last_failover_at=self.history.last_failover_at,
             known_replica_ids=dict(self.known_rids),
             epoch=self.history.epoch,
+            unfinished_step=self.unfinished_step,
         )
 
     def _stalled_past_lease(self) -> bool:
@@ -488,16 +490,18 @@ class Watchdog:
         try:
             await run(d, v)
         except asyncio.CancelledError:
-            log.warning("%s cancelled (the journal in the store says how far it got)", d.action.value)
+            # the journal stays in the store: the next run resumes or rolls back from it
+            log.warning("%s cancelled at %r", d.action.value, self.busy)
+            self.busy = None
             raise
         except Exception as exc:
             log.error("%s failed: %s", d.action.value, exc)
             await self._history({"type": f"{d.action.value}_failed", "error": str(exc)})
-        finally:
-            self.busy = None
-            with contextlib.suppress(StoreUnavailable):
-                await self._call(self.store.put_step(self.me, None))
-            self._wake.set()
+        self.busy = None
+        self.unfinished_step = None  # done, failed or rolled back: nothing left to resume
+        with contextlib.suppress(StoreUnavailable):
+            await self._call(self.store.put_step(self.me, None))
+        self._wake.set()
 
     async def _renew(self, epoch: int) -> None:
         sent = time.monotonic()
@@ -674,6 +678,7 @@ class Watchdog:
 
     async def run_forever(self) -> None:
         step = await self._safe(self.store.get_step(self.me))
+        self.unfinished_step = str(step.get("step")) if step else None
         if step:
             log.warning(
                 "an earlier run stopped during %r; this cycle decides whether to resume or roll back", step.get("step")

@@ -178,6 +178,7 @@ class LocalMemory:
     last_failover_at: float | None = None  # wall clock of the last automatic failover (from history)
     known_replica_ids: Mapping[str, int] = field(default_factory=dict)
     epoch: int = 0  # highest epoch ever seen (0: no master ever)
+    unfinished_step: str | None = None  # the journal of an earlier run that died mid-action
 
 
 @dataclass(frozen=True)

@@ -192,15 +192,7 @@ def test_flapping_master_fails_over_at_most_once(ds_mesh: DSLab, tmp_path: Path)
     [
         ("sqlite", "stopped"),
         ("etcd", "stopped"),
-        pytest.param(
-            "sqlite",
-            "written",
-            marks=pytest.mark.xfail(
-                reason="known bug: a daemon restarted with the key, a master CS.cfg and its CA stopped does not "
-                "start the CA (no resume from the journal); the cooldown then keeps the dead master forever",
-                strict=False,
-            ),
-        ),
+        ("sqlite", "written"),
     ],
 )
 def test_daemon_killed_between_stop_and_start_of_a_promotion(

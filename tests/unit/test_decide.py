@@ -1110,3 +1110,18 @@ def test_property_identical_records_never_name_two_masters_and_pause_and_serving
         old, mem = c["mem"].previous_leader, c["mem"]
         if d.action is Action.PROMOTE and c["leader"] is None and me != old and not mem.previous_leader_released:
             assert not _seen_serving(states, old), d.line()
+
+
+def test_key_holder_restarted_after_dying_mid_promotion_with_master_cscfg_and_stopped_ca_completes_it() -> None:
+    me = master("ca1", ca_status=CA_DOWN, ca_down_streak=N + 5)
+    v = view("ca1", {"ca1": me, "ca2": clone("ca2")}, leader="ca1", mem=memory(unfinished_step="promote: starting"))
+    d = decide(v)
+    expect(d, Action.PROMOTE, target="ca1", says=("interrupted", "promote: starting", "completing it"))
+    paused = decide(replace(v, control=replace(v.control, paused=True)))
+    expect(paused, Action.RENEW, says=("paused", "would complete it"))
+
+
+def test_key_holder_with_stopped_ca_and_no_interrupted_promotion_is_a_failed_master_not_a_resume() -> None:
+    me = master("ca1", ca_status=CA_DOWN, ca_down_streak=N)
+    d = decide(view("ca1", {"ca1": me, "ca2": clone("ca2")}, leader="ca1", mem=memory(unfinished_step=None)))
+    assert d.action is not Action.PROMOTE
