@@ -233,9 +233,7 @@ class EtcdLab:
         self.start()
         return self
 
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
 
@@ -243,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ca_watchdog.lab.etcdlab", description=__doc__.splitlines()[0])
     p.add_argument("action", choices=("start", "stop", "status"))
     p.add_argument("directory")
-    p.add_argument(
-        "--port", type=int, default=None, help=f"client port (default: first free from {DEFAULT_PORT})"
-    )
+    p.add_argument("--port", type=int, default=None, help=f"client port (default: first free from {DEFAULT_PORT})")
     a = p.parse_args(argv)
     if a.action == "start":
         lab = EtcdLab(a.directory, a.port, None)
