@@ -1,5 +1,6 @@
 """A local N-node cluster on loopback: simulated CAs over TLS, one `ca-watchdog run` per node,
-the SQLite (or etcd) store, and optionally a real replicated 389-DS per node.
+the SQLite (or etcd) store, and optionally a real replicated 389-DS per node. (A node may instead
+listen on another address and run inside a network namespace: `hosts`, `exec_prefix`.)
 
 Used by `ca-watchdog demo` and the end-to-end tests. Everything lives under one directory and
 every process it starts is tracked by pid, so `stop()` removes exactly what it made.
@@ -47,6 +48,7 @@ class LabNode:
     agent_port: int
     api_port: int
     dir: Path
+    host: str = "127.0.0.1"  # where its CA and API listen and are reached
 
     @property
     def cs_cfg(self) -> Path:
@@ -70,7 +72,11 @@ class LabNode:
 
     @property
     def agent_url(self) -> str:
-        return f"https://127.0.0.1:{self.agent_port}"
+        return f"https://{self.host}:{self.agent_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"https://{self.host}:{self.api_port}"
 
 
 def _set_keys(cfg: cscfg.CSCfg, values: dict[str, str]) -> cscfg.CSCfg:
@@ -114,12 +120,18 @@ class LabCluster:
     nodes: dict[str, LabNode] = field(default_factory=dict)
     daemons: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     pki: LabPKIFiles | None = None
+    # per node: the address its CA and API listen on (default 127.0.0.1; the server certificate gets
+    # every one as an IP SAN), and an argv prefix for the processes the lab starts for it (its daemon,
+    # its CA's start/stop commands), e.g. ["ip", "netns", "exec", "ns1"] to run a node in a namespace
+    hosts: dict[str, str] = field(default_factory=dict)
+    exec_prefix: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self.cluster_id = uuid.uuid4().hex[:12]  # its own etcd prefix: clusters may share one etcd
         for i, n in enumerate(self.names):
-            self.nodes[n] = LabNode(n, self.base_port + i, self.base_port + 20 + i, self.root / n)
+            host = self.hosts.get(n, "127.0.0.1")
+            self.nodes[n] = LabNode(n, self.base_port + i, self.base_port + 20 + i, self.root / n, host)
 
     # ---- build -------------------------------------------------------------------------------------
 
@@ -127,7 +139,8 @@ class LabCluster:
         """Write the PKI, every node's CS.cfg (one master, the others its clones) and config."""
         master = master or self.names[0]
         self.root.mkdir(parents=True, exist_ok=True)
-        self.pki = write_lab_pki(self.root / "pki")
+        ips = list(dict.fromkeys(["127.0.0.1", *(node.host for node in self.nodes.values())]))
+        self.pki = write_lab_pki(self.root / "pki", server_ips=ips)
         template = cscfg.parse(resources.files("ca_watchdog.lab").joinpath("CS.cfg.template").read_bytes(), "template")
         (self.root / "store").mkdir(exist_ok=True)
         for n, node in self.nodes.items():
@@ -138,7 +151,7 @@ class LabCluster:
             cfg = _set_keys(template, values)
             if n != master:
                 m = self.nodes[master]
-                cfg = cscfg.demote(cfg, "127.0.0.1", m.agent_port)
+                cfg = cscfg.demote(cfg, m.host, m.agent_port)
             node.cs_cfg.write_bytes(cfg.render())
             node.cs_cfg.chmod(0o660)
             node.config.write_text(self._config_text(node))
@@ -147,7 +160,8 @@ class LabCluster:
         assert self.pki is not None
         argv = [
             sys.executable, "-m", "ca_watchdog.cli", "lab", "ca",
-            "--cs-cfg", str(node.cs_cfg), "--port", str(node.agent_port), "--name", node.name,
+            "--cs-cfg", str(node.cs_cfg), "--port", str(node.agent_port), "--host", node.host,
+            "--name", node.name,
             "--cert", str(self.pki.server_cert), "--key", str(self.pki.server_key), "--cafile", str(self.pki.ca_cert),
             "--status-format", self.status_format, "--start-delay", str(self.start_delay),
         ]  # fmt: skip
@@ -205,7 +219,7 @@ class LabCluster:
             f"key_file = {_toml(str(self.pki.client_key))}",
             "",
             "[api]",
-            'listen_host = "127.0.0.1"',
+            f"listen_host = {_toml(node.host)}",
             f"listen_port = {node.api_port}",
             f"cert_file = {_toml(str(self.pki.server_cert))}",
             f"key_file = {_toml(str(self.pki.server_key))}",
@@ -217,7 +231,7 @@ class LabCluster:
                 "[[cluster.members]]",
                 f"name = {_toml(n)}",
                 f"agent_url = {_toml(other.agent_url)}",
-                f"api_url = {_toml(f'https://127.0.0.1:{other.api_port}')}",
+                f"api_url = {_toml(other.api_url)}",
                 f"priority = {self.priorities.get(n, 100)}",
             ]
             if self.ds is not None:
@@ -232,7 +246,7 @@ class LabCluster:
     def _service(self, name: str, verb: str) -> None:
         s = self.settings(name)
         argv = s.node.start_command if verb == "start" else s.node.stop_command
-        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+        subprocess.run([*self.exec_prefix.get(name, ()), *argv], check=True, capture_output=True, timeout=60)
 
     def start_ca(self, name: str) -> None:
         self._service(name, "start")
@@ -278,7 +292,10 @@ class LabCluster:
             return
         with open(node.daemon_log, "ab") as log:
             self.daemons[name] = subprocess.Popen(
-                [sys.executable, "-m", "ca_watchdog.cli", "run", "--config", str(node.config)],
+                [
+                    *self.exec_prefix.get(name, ()),
+                    *(sys.executable, "-m", "ca_watchdog.cli", "run", "--config", str(node.config)),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

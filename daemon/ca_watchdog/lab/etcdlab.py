@@ -1,5 +1,8 @@
 """A throw-away single-member etcd on 127.0.0.1, without systemd (tests, scripts, the demo).
 
+(Or on another address, started through an argv prefix such as `ip netns exec NS`: `host`,
+`exec_prefix`; the health check then runs through the same prefix.)
+
 Everything lives in one directory: `etcd-data/`, `etcd.log`, `etcd.pid`, `etcd.endpoint`. Only the
 process this module started (recorded in `etcd.pid`, and still named `etcd` in /proc) is ever
 signalled. Command line, for scripts:
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -69,6 +73,30 @@ def free_ports(count: int, start: int = DEFAULT_PORT, host: str = HOST) -> list[
     return out
 
 
+def _probe_health(url: str, timeout: float, ctx: ssl.SSLContext | None) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout, context=ctx) as r:
+            return r.status == 200 and b'"true"' in r.read()
+    except (OSError, ValueError):
+        return False
+
+
+def _ssl_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext | None:
+    if not ca_file:
+        return None
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file or None)
+    return ctx
+
+
+# run through `exec_prefix` (e.g. inside a network namespace): argv URL TIMEOUT CA CERT KEY ('' = none)
+_HEALTH_SNIPPET = (
+    "import sys; from ca_watchdog.lab.etcdlab import _probe_health, _ssl_context; a = sys.argv[1:]; "
+    "sys.exit(0 if _probe_health(a[0], float(a[1]), _ssl_context(a[2], a[3], a[4])) else 1)"
+)
+
+
 def _comm(pid: int) -> str | None:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -85,10 +113,16 @@ class EtcdLab:
         name: str = "lab",
         tls: EtcdTLS | None = None,
         binary: str = ETCD_BINARY,
+        host: str = HOST,
+        exec_prefix: Sequence[str] = (),
     ) -> None:
+        """`host`: the address to listen on; `exec_prefix`: argv before etcd's (and before the health
+        check's, which then runs as a separate process), e.g. ["ip", "netns", "exec", NS]. With a
+        prefix, give both ports: free ones cannot be looked up from here."""
         self.dir = Path(directory)
+        self.host, self.exec_prefix = host, list(exec_prefix)
         if client_port is None or peer_port is None:
-            ports = free_ports(2, client_port or DEFAULT_PORT)
+            ports = free_ports(2, client_port or DEFAULT_PORT, host)
             client_port, peer_port = client_port or ports[0], peer_port or ports[1]
         self.client_port, self.peer_port = client_port, peer_port
         self.name, self.tls, self.binary = name, tls, binary
@@ -96,7 +130,7 @@ class EtcdLab:
 
     @property
     def endpoint(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{HOST}:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
 
     @property
     def pid_file(self) -> Path:
@@ -111,20 +145,23 @@ class EtcdLab:
             return None
         return pid if _comm(pid) == "etcd" else None
 
-    def _ssl(self) -> ssl.SSLContext | None:
+    def _tls_files(self) -> tuple[str, str, str]:
         if self.tls is None:
-            return None
-        ctx = ssl.create_default_context(cafile=self.tls.ca_file)
-        if self.tls.client_cert_file:
-            ctx.load_cert_chain(self.tls.client_cert_file, self.tls.client_key_file)
-        return ctx
+            return "", "", ""
+        return self.tls.ca_file, self.tls.client_cert_file or "", self.tls.client_key_file or ""
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        return _ssl_context(*self._tls_files())
 
     def healthy(self, timeout: float = 1.0) -> bool:
+        if not self.exec_prefix:
+            return _probe_health(self.endpoint, timeout, self._ssl())
+        argv = [*self.exec_prefix, sys.executable, "-c", _HEALTH_SNIPPET, self.endpoint, str(timeout)]
         try:
-            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=timeout, context=self._ssl()) as r:
-                return r.status == 200 and b'"true"' in r.read()
-        except (OSError, ValueError):
+            done = subprocess.run([*argv, *self._tls_files()], capture_output=True, timeout=timeout + 10)
+        except (OSError, subprocess.TimeoutExpired):
             return False
+        return done.returncode == 0
 
     def start(self, timeout: float = 20.0, fresh: bool = True) -> None:
         """Start etcd and wait until /health says true. `fresh` wipes the data directory first."""
@@ -137,8 +174,9 @@ class EtcdLab:
         if fresh and data.exists():
             shutil.rmtree(data)
         data.mkdir(mode=0o700, exist_ok=True)  # etcd warns about anything looser
-        peer = f"http://{HOST}:{self.peer_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
         args = [
+            *self.exec_prefix,
             self.binary,
             "--name", self.name,
             "--data-dir", str(data),

@@ -183,14 +183,19 @@ class LabPKIFiles:
     client_key: Path
 
 
-def write_lab_pki(directory: str | os.PathLike[str], common_name: str = "ca-watchdog lab CA") -> LabPKIFiles:
-    """Make a CA, a server cert for localhost/127.0.0.1 and an agent client cert; write PEM files.
+def write_lab_pki(
+    directory: str | os.PathLike[str],
+    common_name: str = "ca-watchdog lab CA",
+    server_ips: Sequence[str] = ("127.0.0.1",),
+) -> LabPKIFiles:
+    """Make a CA, a server cert for localhost and `server_ips` (default 127.0.0.1) and an agent client
+    cert; write PEM files.
 
     Files: ca.pem ca.key server.pem server.key agent.pem agent.key.
     """
     d = Path(directory)
     ca = LabCA.create(common_name)
     ca_cert, ca_key = ca.write(d, "ca")
-    server_cert, server_key = ca.issue_server().write(d, "server")
+    server_cert, server_key = ca.issue_server(ip_addresses=server_ips).write(d, "server")
     client_cert, client_key = ca.issue_client().write(d, "agent")
     return LabPKIFiles(d, ca_cert, ca_key, server_cert, server_key, client_cert, client_key)
