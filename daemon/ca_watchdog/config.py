@@ -86,6 +86,12 @@ class TimingSettings:
     start_timeout: float = 180.0
     stop_timeout: float = 90.0
 
+    @property
+    def cycle_budget(self) -> float:
+        """The longest one HA cycle can take with the store unreachable: the wait, the local probe,
+        one store call timing out, the failsafe questions to the peers."""
+        return self.interval + 2 * self.agent_timeout + self.store_timeout + 0.5
+
 
 @dataclass(frozen=True)
 class FailoverSettings:
@@ -466,6 +472,15 @@ def parse_settings(data: dict[str, Any], source: str = "<config>", check_files: 
         if value >= t.ttl:
             # a probe that outlives the lease cannot tell a live master from a dead one in time
             raise ConfigError(source, f"timing.{name}", f"must be shorter than ttl ({value:g} >= {t.ttl:g})")
+    if t.ttl - t.safety_margin - t.cycle_budget < t.interval:
+        # a master self-fences one worst-case cycle before ttl - safety_margin; that point must
+        # leave at least one interval for a renewal, or every store blip would fence the master
+        raise ConfigError(
+            source,
+            "timing.ttl",
+            f"ttl - safety_margin - (interval + 2*agent_timeout + store_timeout + 0.5) must be >= interval "
+            f"({t.ttl:g} - {t.safety_margin:g} - {t.cycle_budget:g} < {t.interval:g})",
+        )
     return settings
 
 

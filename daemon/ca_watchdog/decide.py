@@ -50,7 +50,8 @@ def _without_store(v: ClusterView) -> Decision:
     if not was_leader:
         return Decision(Action.WAIT, f"{why}; no failover decision without the store")
     age = v.memory.seconds_since_renew or 0.0
-    deadline = v.policy.ttl - v.policy.safety_margin
+    # fence one worst-case cycle early: the decision can only come at the end of a cycle
+    deadline = v.policy.ttl - v.policy.safety_margin - v.policy.fence_lead
     if age < deadline:
         return Decision(
             Action.WAIT, f"{why}; keeping the master role, lease renewed {age:.1f}s ago (self-fence at {deadline:g}s)"
@@ -72,7 +73,8 @@ def _without_store(v: ClusterView) -> Decision:
     return Decision(
         Action.SELF_FENCE,
         f"{why}; lease not renewed for {age:.1f}s (>= ttl {v.policy.ttl:g}s - safety margin "
-        f"{v.policy.safety_margin:g}s) and no failsafe acknowledgement from {', '.join(missing) or 'anyone'}: "
+        f"{v.policy.safety_margin:g}s - one cycle {v.policy.fence_lead:g}s) and no failsafe acknowledgement from "
+        f"{', '.join(missing) or 'anyone'}: "
         "stopping the CA and demoting before another master can be elected",
         target=_best_guess_successor(v),
     )

@@ -91,6 +91,7 @@ def policy_of(s: Settings) -> Policy:
         restart_before_failover=s.failover.restart_before_failover,
         maximum_lag=s.failover.maximum_lag,
         failover_cooldown=s.failover.failover_cooldown,
+        fence_lead=s.timing.cycle_budget,
     )
 
 
@@ -611,17 +612,25 @@ class Watchdog:
         self.restarted_in_incident = True
         await self._history({"type": "restart", "name": self.me, "reason": d.reason})
         await self.ca.restart(self._journal)
+        self._started_ca()
 
     async def _self_fence(self, d: Decision, v: ClusterView) -> None:
-        await self._history({"type": "self_fence", "name": self.me, "reason": d.reason})
-        await self.ca.fence(d.target, self._journal)
-        # fenced: no longer the lease holder as far as this daemon knows; the store decides the rest
-        self.held_epoch = None
+        # no store I/O before the CA is down: the store is the thing we cannot reach, and every
+        # call would spend a store timeout of the safety margin
+        self.busy = "self-fence"
+        await self.ca.fence(d.target)
+        self.held_epoch = None  # fenced: no longer the lease holder as far as this daemon knows
         self.last_renew_mono = None
+        await self._history({"type": "self_fence", "name": self.me, "reason": d.reason})
 
     async def _follow(self, d: Decision, v: ClusterView) -> None:
         assert d.target is not None
         await self.ca.demote(d.target, start=True, journal=self._journal)
+        self._started_ca()
+
+    def _started_ca(self) -> None:
+        """A start was just issued: count failed probes afresh (no burst of starts while it boots)."""
+        self.ca_down_streak = 0
 
     # ---- report ----------------------------------------------------------------------------------------
 

@@ -164,6 +164,7 @@ class Policy:
     restart_before_failover: bool = True
     maximum_lag: float = 60.0
     failover_cooldown: float = 3600.0
+    fence_lead: float = 0.0  # the longest a cycle can take: a self-fence is decided this much earlier
 
 
 @dataclass(frozen=True)

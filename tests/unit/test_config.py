@@ -234,11 +234,20 @@ def test_bad_configurations(path: str, value: Any, key: str, fragment: str) -> N
 
 
 def test_the_ttl_rule_boundary() -> None:
-    ok = with_("timing", {"interval": 2.0, "store_timeout": 2.0, "ttl": 6.5, "safety_margin": 1.0,
-                          "agent_timeout": 1.0, "ldap_timeout": 1.0})  # fmt: skip
-    assert parse_settings(ok).timing.ttl == 6.5
-    with pytest.raises(ConfigError, match=r"timing\.ttl"):
-        parse_settings(with_("timing.ttl", 6.0, ok))
+    ok = with_("timing", {"interval": 1.0, "store_timeout": 4.0, "ttl": 9.5, "safety_margin": 0.5,
+                          "agent_timeout": 0.25, "ldap_timeout": 0.25})  # fmt: skip
+    assert parse_settings(ok).timing.ttl == 9.5
+    with pytest.raises(ConfigError, match=r"timing\.ttl.*interval \+ 2\*store_timeout"):
+        parse_settings(with_("timing.ttl", 9.0, ok))
+
+
+def test_self_fence_point_must_leave_room_for_a_renewal() -> None:
+    # fence at ttl - safety_margin - (interval + 2*agent_timeout + store_timeout + 0.5) = 10 - 2 - 6.5 = 1.5
+    ok = with_("timing", {"interval": 1.5, "store_timeout": 1.0, "ttl": 10.0, "safety_margin": 2.0,
+                          "agent_timeout": 1.75, "ldap_timeout": 1.0})  # fmt: skip
+    assert parse_settings(ok).timing.cycle_budget == 6.5
+    with pytest.raises(ConfigError, match=r"timing\.ttl.*must be >= interval"):
+        parse_settings(with_("timing.agent_timeout", 2.0, ok))
 
 
 def test_root_must_be_a_table() -> None:

@@ -131,7 +131,8 @@ class LabCluster:
         self.cluster_id = uuid.uuid4().hex[:12]  # its own etcd prefix: clusters may share one etcd
         for i, n in enumerate(self.names):
             host = self.hosts.get(n, "127.0.0.1")
-            self.nodes[n] = LabNode(n, self.base_port + i, self.base_port + 20 + i, self.root / n, host)
+            api_base = self.base_port + max(20, len(self.names))  # agent ports first, then the API ports
+            self.nodes[n] = LabNode(n, self.base_port + i, api_base + i, self.root / n, host)
 
     # ---- build -------------------------------------------------------------------------------------
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -38,7 +39,20 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@contextlib.contextmanager
+def _locked(pidfile: Path) -> Iterator[None]:
+    """One start or stop at a time per service, across processes (check, launch and record as one)."""
+    with open(pidfile.with_name(pidfile.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def start(pidfile: Path, log: Path, argv: Sequence[str], guard_config: str | None) -> int:
+    with _locked(pidfile):
+        return _start(pidfile, log, argv, guard_config)
+
+
+def _start(pidfile: Path, log: Path, argv: Sequence[str], guard_config: str | None) -> int:
     if read_pid(pidfile) is not None:
         print(f"already running (pid {read_pid(pidfile)})")
         return 0
@@ -58,6 +72,11 @@ def start(pidfile: Path, log: Path, argv: Sequence[str], guard_config: str | Non
 
 
 def stop(pidfile: Path, timeout: float) -> int:
+    with _locked(pidfile):
+        return _stop(pidfile, timeout)
+
+
+def _stop(pidfile: Path, timeout: float) -> int:
     pid = read_pid(pidfile)
     if pid is None:
         with contextlib.suppress(FileNotFoundError):

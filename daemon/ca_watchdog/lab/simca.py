@@ -20,6 +20,7 @@ import contextlib
 import datetime as dt
 import json
 import math
+import os
 import signal
 import ssl
 import sys
@@ -45,6 +46,16 @@ GENERALIZED_TIME = "%Y%m%d%H%M%SZ"
 LOG_ATTR = "labCRLWriteLog"
 LOG_KEEP = 20  # a writer trims only its own old log values, so two writers never delete each other's
 CRL_PATH = "/ca/ee/ca/getCRL"
+
+
+def _process_age() -> float:
+    """Seconds since this process started (from /proc; 0 where unavailable)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def _log(msg: str) -> None:
@@ -432,7 +443,8 @@ class SimCA:
             sockets = getattr(server, "sockets", None) or []
             if sockets:
                 self.bound_port = int(sockets[0].getsockname()[1])
-            self.ready_at = time.monotonic() + self.s.start_delay
+            # like a real CA, the start time runs from the process start (interpreter and imports included)
+            self.ready_at = time.monotonic() + max(0.0, self.s.start_delay - _process_age())
             if self.is_master:
                 crl_task = asyncio.create_task(self.crl_loop())
             print(

@@ -61,7 +61,9 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL)",
     "CREATE TABLE IF NOT EXISTS history (seq INTEGER PRIMARY KEY AUTOINCREMENT, value TEXT NOT NULL)",
 )
-WATCH_POLL = 0.1  # s between data_version checks in watch_leader
+# s between data_version checks in watch_leader: a released key is seen this much later at most;
+# 0.1 s cost an idle clone 0.5 % of a core (docs/benchmarks.md)
+WATCH_POLL = 0.25
 
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
 Row = tuple[str, float | None]
