@@ -126,8 +126,11 @@ class CSCfg:
 
     @property
     def newline(self) -> str:
-        crlf = sum(1 for line in self.lines if line.ending == "\r\n")
-        lf = sum(1 for line in self.lines if line.ending == "\n")
+        """The line ending for added lines: the majority among the lines no role change touches,
+        so that promote and demote stay idempotent on files with mixed line endings."""
+        stable = [line for line in self.lines if line.key is None or not is_role_key(line.key)]
+        crlf = sum(1 for line in stable if line.ending == "\r\n")
+        lf = sum(1 for line in stable if line.ending == "\n")
         return "\r\n" if crlf > lf else "\n"
 
 

@@ -529,3 +529,18 @@ def test_changed_role_keys() -> None:
     changed = changed_role_keys(master, demote(master, "h", 1))
     assert all(is_role_key(k) for k in changed)
     assert len(changed) == 6
+
+
+def test_promote_is_idempotent_when_role_lines_and_other_lines_use_different_line_endings() -> None:
+    # found by hypothesis in CI: the ending for added lines used to be the majority of all lines,
+    # which the first promote itself could flip
+    text = (
+        "a=1\nb=2\n"
+        + "".join(f"ca.crl.X.k{i}=v\r\n" for i in range(5))
+        + "ca.crl.X.enableCRLCache=false\r\nca.crl.X.enableCRLUpdates=false\r\n"
+        + "ca.certStatusUpdateInterval=0\r\nmaster.ca.agent.host=h\r\nmaster.ca.agent.port=1\r\n"
+    )
+    clone = parse(text)
+    once = promote(clone, ["ca.crl.X.class=com.netscape.ca.CRLIssuingPoint"])
+    assert promote(once, ["ca.crl.X.class=com.netscape.ca.CRLIssuingPoint"]).render() == once.render()
+    assert once.render().startswith(b"a=1\nb=2\nca.crl.X.class=com.netscape.ca.CRLIssuingPoint\n")
