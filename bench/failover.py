@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ca_watchdog.config import TimingSettings
 from ca_watchdog.lab.cluster import LAB_TIMING, LabCluster, LabNode
 from ca_watchdog.lab.dslab import NS_SLAPD, DSLab
 from ca_watchdog.lab.invariants import InvariantChecker
@@ -346,6 +347,11 @@ class Bench:
 
     # -- lab --
 
+    def checkpoint(self, result: dict[str, Any]) -> None:
+        """Write what is measured so far: a failure in a later part must not lose 15 minutes of runs."""
+        if self.a.out:
+            self.a.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
     def ds_up(self) -> None:
         if not self.a.ds:
             return
@@ -579,7 +585,9 @@ class Bench:
     # -- overhead --
 
     def idle(self) -> dict[str, Any]:
-        timing = dict(self.timing, interval=2.0)
+        # the shipped timing defaults (interval 2 s, ttl 30 s, ...): what one daemon costs as installed
+        d = TimingSettings()
+        timing = dict(self.timing, interval=d.interval, ttl=d.ttl, safety_margin=d.safety_margin)
         with self.cluster(timing=timing) as c:
             self.steady(c)
             time.sleep(5)
@@ -718,9 +726,11 @@ class Bench:
                     keys = ("ok", "detection_s", "decision_s", "restart_s", "total_s", "external_total_s")
                     log(f"{kind}: {json.dumps({k: r.get(k) for k in (*keys, 'failovers', 'master_changes')})}")
                 result["faults"][kind] = {"runs": runs, "summary": summarize(kind, runs)}
+                self.checkpoint(result)
             if "idle" in parts:
                 log(f"idle: {self.a.idle_seconds:g} s at interval 2 s")
                 result["idle"] = self.idle()
+                self.checkpoint(result)
                 log(f"idle: {json.dumps(result['idle']['daemons'])}")
             if "cycle" in parts:
                 rounds: dict[str, list[dict[str, Any]]] = {str(n): [] for n in self.a.cycle_members}
