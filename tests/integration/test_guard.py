@@ -31,7 +31,7 @@ def settings(tmp_path: Path, me: str = "ca1", store: dict[str, Any] | None = Non
             "node": {"name": me, "cs_cfg": str(tmp_path / "CS.cfg")},
             "cluster": {"members": members},
             "store": store or {"backend": "sqlite", "path": str(tmp_path / "state.db")},
-            "timing": {"store_timeout": 0.5, "interval": 1.0, "ttl": 10.0},
+            "timing": {"store_timeout": 0.5, "interval": 1.0, "ttl": 10.0, "agent_timeout": 1.0, "safety_margin": 3.0},
         },
         "test",
     )

@@ -334,6 +334,29 @@ class LabCluster:
             if pid is not None and alive(pid):
                 with contextlib.suppress(subprocess.SubprocessError, OSError):
                     self.stop_ca(n)
+        self._kill_leftovers()
+
+    def _kill_leftovers(self) -> None:
+        """A daemon stopped mid-action can leave its start command running, which then starts a CA
+        after the stop above. Every process of this cluster names its directory on its command line."""
+        marker = str(self.root).encode() + b"/"
+        for _ in range(3):
+            time.sleep(0.3)
+            found = []
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                    continue
+                try:
+                    cmdline = (proc / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if marker in cmdline and alive(int(proc.name)):
+                    found.append(int(proc.name))
+            for pid in found:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if not found:
+                return
 
     @contextlib.contextmanager
     def running(self) -> Iterator[LabCluster]:

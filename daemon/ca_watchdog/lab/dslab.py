@@ -328,8 +328,14 @@ class DSLab:
         return pid
 
     def freeze(self, name: str) -> int:
-        """SIGSTOP: the server keeps its sockets open but answers nothing (a hung host)."""
-        return self._signal(name, signal.SIGSTOP)
+        """SIGSTOP: the server keeps its sockets open but answers nothing (a hung host).
+
+        Returns once the kernel shows the process stopped: the signal is delivered asynchronously."""
+        pid = self._signal(name, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while _proc_state(pid) not in ("T", "t") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return pid
 
     def thaw(self, name: str) -> int:
         return self._signal(name, signal.SIGCONT)
