@@ -166,7 +166,9 @@ class Watchdog:
             )
         else:
             directory = _none()
-        watched_probe = self._watch(self.s.member(watched).agent_url) if watched else _none()
+        # getInfo (master or clone?) only matters once the key is free: skip that TLS handshake otherwise
+        tell_role = self.last_leader_seen is None
+        watched_probe = self._watch(self.s.member(watched).agent_url, tell_role) if watched else _none()
         ca, ds, watched_result = await asyncio.gather(self.ca.status(), directory, watched_probe)
         w, w_role = watched_result if watched_result is not None else (None, None)
         cfg, role, problem = self._read_cscfg()
@@ -175,10 +177,10 @@ class Watchdog:
             self.metrics.probe_latency.labels("ldap").observe(ds.latency)
         return Observation(ca, ds, cfg, role, problem, watched, w, w_role)
 
-    async def _watch(self, url: str) -> tuple[AgentStatus, str | None]:
+    async def _watch(self, url: str, tell_role: bool) -> tuple[AgentStatus, str | None]:
         """The current master as a client sees it: getStatus, and getInfo to tell master from clone."""
         st = await self.probe.status(url)
-        if st.status != CA_RUNNING:
+        if st.status != CA_RUNNING or not tell_role:
             return st, None
         info = await self.probe.info(url)
         return st, (("clone" if info.master_host else "master") if info.ok else None)
