@@ -36,12 +36,12 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ca_watchdog.config import TimingSettings
-from ca_watchdog.lab.cluster import LAB_TIMING, LabCluster, LabNode
+from ca_watchdog.lab.cluster import LAB_TIMING, LabCluster, LabNode, wait_until
 from ca_watchdog.lab.dslab import NS_SLAPD, DSLab
 from ca_watchdog.lab.invariants import InvariantChecker
 from ca_watchdog.loop import member_ttl
@@ -238,15 +238,6 @@ def sweep(root: Path) -> list[str]:
     if found:
         log(f"swept {len(found)} leftover process(es) under {root}: {found}")
     return found
-
-
-def wait_until(what: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if what():
-            return True
-        time.sleep(step)
-    return what()
 
 
 def summary(values: list[float | None]) -> dict[str, float | None]:
@@ -449,6 +440,7 @@ class Bench:
                     and len({n for _, n, _ in poller.changes}) == len(c.names)
                 ),
                 10,
+                0.1,
             )
             time.sleep(self.rng.uniform(0, interval))  # a random phase of the cycle
             load_before = loadavg()

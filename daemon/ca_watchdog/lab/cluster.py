@@ -42,6 +42,16 @@ LAB_TIMING = {
 }
 
 
+def wait_until(what: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
+    """Poll `what` every `step` s until it holds or `timeout` s have passed; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if what():
+            return True
+        time.sleep(step)
+    return what()
+
+
 @dataclass
 class LabNode:
     name: str
@@ -397,9 +407,4 @@ class LabCluster:
         return out
 
     def wait_for(self, what: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if what():
-                return True
-            time.sleep(step)
-        return what()
+        return wait_until(what, timeout, step)
