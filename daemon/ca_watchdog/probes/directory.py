@@ -350,11 +350,35 @@ class CRLRecord:
     next_update: datetime | None
 
 
+_DOGTAG_NUMBER = re.compile(r"([0-9]{2})(-?[0-9]+)")
+
+
+def parse_dogtag_number(value: str) -> int:
+    """Decode a number as Dogtag stores it in LDAP (BigIntegerMapper.BigIntegerToDB).
+
+    The value is prefixed by the length of its decimal text, as two digits: ``011`` is 1, ``015``
+    is 5, ``0210`` is 10, ``02-1`` is -1, ``101234567890`` is 1234567890. The encoding keeps
+    LDAP's string ordering equal to numeric ordering. Anything else is a ValueError.
+    """
+    m = _DOGTAG_NUMBER.fullmatch(value.strip())
+    if m is None or int(m.group(1)) != len(m.group(2)):
+        raise ValueError(f"not a Dogtag LDAP number (length-prefixed decimal): {value[:40]!r}")
+    return int(m.group(2))
+
+
+def format_dogtag_number(number: int) -> str:
+    """The inverse of parse_dogtag_number (what the simulated CA writes, as Dogtag does)."""
+    text = str(number)
+    if len(text) > 99:
+        raise ValueError("Dogtag numbers have at most 99 digits")
+    return f"{len(text):02d}{text}"
+
+
 def parse_crl_record(dn: str, attrs: Mapping[str, Sequence[Any]]) -> CRLRecord:
     ip = _first(attrs, "cn") or dn.split(",", 1)[0].partition("=")[2]
     num = _first(attrs, "crlNumber")
     try:
-        crl_number = int(num.strip()) if num is not None else None
+        crl_number = parse_dogtag_number(num) if num is not None else None
     except ValueError:
         crl_number = None
     return CRLRecord(
