@@ -467,6 +467,16 @@ def unrelated_lines(cfg: CSCfg) -> list[str]:
     return [_body(line.raw) for line in cfg.lines if line.key is None or not is_role_key(line.key)]
 
 
+def unrelated_items(cfg: CSCfg) -> dict[str, str]:
+    """The effective `key: value` of every key that no role change may touch.
+
+    This is what "no line outside the role keys changed" means on a real CA: Dogtag rewrites
+    CS.cfg at every start with its keys in sorted order (and duplicates collapsed), so the lines
+    move while the keys and values stay.
+    """
+    return {k: v for k in cfg.keys() if not is_role_key(k) and (v := cfg.get(k)) is not None}  # noqa: SIM118
+
+
 def _diff_lines(cfg: CSCfg) -> list[str]:
     # physical lines as the parser saw them (str.splitlines would also split at \f, \x1c, U+2028)
     out = [line.raw for line in cfg.lines]

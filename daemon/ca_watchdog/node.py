@@ -18,6 +18,7 @@ from . import cscfg
 from .config import Settings, load_settings
 from .probes.agent import AgentProbe, AgentStatus
 from .service import ServiceControl, ServiceError, run_argv
+from .startup import StartupWatch
 from .store import open_store
 from .store.base import Store, StoreUnavailable
 
@@ -49,39 +50,54 @@ class LocalCA:
         self.probe = probe
         self.path = settings.node.cs_cfg
         self.url = settings.me.agent_url
+        self.startup = StartupWatch(settings.timing.start_timeout)
 
     async def status(self) -> AgentStatus:
-        return await self.probe.status(self.url)
+        """Can the CA serve (getStatus and a database read), with a start in progress read as starting."""
+        st = await self.probe.serving(self.url)
+        return self.startup.classify(st, time.monotonic())
 
     async def stop(self) -> None:
         t = self.settings.timing
+        self.startup.stop_issued()
         try:
             await self.service.stop(t.stop_timeout)
         except ServiceError as exc:
             raise NodeError(f"stopping {self.service.name}: {exc}") from exc
-        # systemctl stop returns when the unit is inactive; still make sure nothing answers
+        # systemctl stop returns when the unit is inactive; still make sure nothing answers getStatus
         deadline = time.monotonic() + t.stop_timeout
-        while (st := await self.status()).status != "down":
+        while (st := await self.probe.status(self.url)).status != "down":
             if time.monotonic() > deadline:
                 raise NodeError(f"{self.service.name} still answers ({st.status}) after stop")
             await asyncio.sleep(0.2)
 
     async def start(self) -> None:
+        self.startup.start_issued(time.monotonic())
         try:
             await self.service.start(self.settings.timing.start_timeout)
         except ServiceError as exc:
             raise NodeError(f"starting {self.service.name}: {exc}") from exc
 
     async def wait_running(self) -> AgentStatus:
-        """Poll getStatus until running (Type=simple units return before the CA is ready)."""
+        """Poll until the CA serves (Type=simple units return before the CA is ready).
+
+        Gives up at start_timeout, or sooner once the CA has answered with a failure that is not
+        a start in progress (a lasting 404 or 500: its engine or its database is not up) for
+        `failed_start_grace` seconds: waiting longer would only delay the rollback.
+        """
         deadline = time.monotonic() + self.settings.timing.start_timeout
+        failing_since: float | None = None
         while True:
             st = await self.status()
+            now = time.monotonic()
             if st.status == "running":
                 return st
-            if time.monotonic() > deadline:
+            failing_since = (failing_since or now) if st.status == "down" else None
+            if now > deadline or (failing_since is not None and now - failing_since > self.startup.failed_start_grace):
                 raise NodeError(
                     f"CA not running {self.settings.timing.start_timeout:g}s after start ({st.status}: {st.reason})"
+                    if now > deadline
+                    else f"CA failed to start: {st.reason}"
                 )
             await asyncio.sleep(0.2)
 

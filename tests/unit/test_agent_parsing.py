@@ -134,14 +134,14 @@ def test_getinfo_of_a_clone_with_two_issuing_points() -> None:
 
 
 def test_getinfo_issuing_point_without_number_is_left_out() -> None:
-    info = parse_info_body(info_xml(crlIssuingPoints="MasterCRL+New", crlNumbers="7+"))
+    info = parse_info_body(info_xml(crlIssuingPoints="MasterCRL+New", crlNumbers="7+", master_host=""))
     assert info.crl_numbers == {"MasterCRL": 7}
 
 
 @pytest.mark.parametrize(
     ("body", "error"),
     [
-        (info_xml(master_host="h", master_port="84x3"), "master_port"),
+        (info_xml(master_host="h", master_port="84x3", crlIssuingPoints="MasterCRL"), "master_port"),
         (b"<html><header/></html>", "envelope"),
         (b"not xml at all", "invalid XML"),
         (BILLION_LAUGHS, "DTD"),

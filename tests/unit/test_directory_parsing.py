@@ -291,7 +291,7 @@ def test_crl_record_fields() -> None:
         "cn=MasterCRL,ou=crlIssuingPoints,ou=ca,o=pki-tomcat-CA",
         {
             "cn": ["MasterCRL"],
-            "crlnumber": ["42"],
+            "crlnumber": ["0242"],  # Dogtag stores 42 as 0242
             "thisupdate": ["20261127222625Z"],
             "nextupdate": ["20261128002625Z"],
         },

@@ -44,6 +44,8 @@ class Probe:
             return AgentStatus("running", None, 200, "11.5.0", "1", 0.01)
         return AgentStatus("down", "timeout", None, None, None, 1.0)
 
+    serving = status  # this fake CA's database is always up
+
 
 def _local_ca(tmp_path: Path, sample: str) -> tuple[LocalCA, HungUnit, Path]:
     path = tmp_path / "CS.cfg"

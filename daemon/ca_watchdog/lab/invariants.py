@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from .. import cscfg
-from ..probes.agent import parse_info_body, parse_status_body
+from ..probes.agent import INFO_PATH, parse_info_body, parse_status_body
 
 if TYPE_CHECKING:
     from .cluster import LabCluster
@@ -46,12 +46,12 @@ class InvariantChecker:
     violations: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-    _baseline: dict[str, list[str]] = field(default_factory=dict)
+    _baseline: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def start(self) -> InvariantChecker:
         for n, node in self.cluster.nodes.items():
             if n not in self.expect_unreadable:
-                self._baseline[n] = cscfg.unrelated_lines(cscfg.read_cscfg(node.cs_cfg))
+                self._baseline[n] = cscfg.unrelated_items(cscfg.read_cscfg(node.cs_cfg))
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="invariants", daemon=True)
         self._thread.start()
         return self
@@ -92,10 +92,12 @@ class InvariantChecker:
             doc = parse_status_body(body)
             if doc.status != "running":
                 return doc.status
-            async with session.get(base + "/ca/ee/ca/getInfo?xml=true") as r:
+            async with session.get(base + INFO_PATH) as r:
                 info = parse_info_body(await r.read())
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError):
             return "down"
+        if not info.ok:
+            return "unknown"  # running, but getInfo gave no answer: neither master nor clone is proven
         return "clone" if info.master_host else "master"
 
     async def sample(self, session: aiohttp.ClientSession) -> Sample:
@@ -112,9 +114,10 @@ class InvariantChecker:
                 continue
             roles[n] = cscfg.classify(cfg).role.value
             base = self._baseline.get(n)
-            if base is not None and cscfg.unrelated_lines(cfg) != base:
-                self._violate(f"{n}: a CS.cfg line outside the role keys changed")
-                self._baseline[n] = cscfg.unrelated_lines(cfg)
+            items = cscfg.unrelated_items(cfg)
+            if base is not None and items != base:
+                self._violate(f"{n}: a CS.cfg key outside the role keys changed: {_changed_keys(base, items)}")
+                self._baseline[n] = items
         masters = sorted(n for n, s in serving.items() if s == "master")
         if len(masters) > 1:
             self._violate(f"{len(masters)} CAs serving as master: {', '.join(masters)}")
@@ -139,6 +142,11 @@ class InvariantChecker:
                 if not out or out[-1] != name:
                     out.append(name)
         return out
+
+
+def _changed_keys(before: dict[str, str], after: dict[str, str]) -> str:
+    keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
 
 
 def crl_write_log(ds: DSLab, names: list[str], issuing_point: str = "MasterCRL") -> list[tuple[str, str, int]]:

@@ -4,12 +4,25 @@
 
 * reads CS.cfg once at start and never again (like Tomcat): the role, issuing points, basedn,
   master.ca.agent.* and cs.state are fixed for the life of the process;
-* `GET /ca/admin/ca/getStatus`: PKI 11 JSON or PKI 10 XML, `starting` for --start-delay seconds;
-* `GET /ca/ee/ca/getInfo?xml=true`: Dogtag's XML envelope with master_host/master_port and CRL numbers;
+* starts like a real Dogtag 10.10 (reference/real-dogtag): during --start-delay the port first
+  refuses connections (the first 40 %), then accepts them and answers nothing (the rest); no
+  `starting` status is ever sent. Before that, CS.cfg is archived to `archives/CS.cfg.bak.<time>`
+  when it differs from `CS.cfg.bak` (pkidaemon); when the engine starts, CS.cfg is rewritten with
+  its keys in sorted order, as the CA's config store does;
+* `GET /ca/admin/ca/getStatus`: PKI 11 JSON, or PKI 10 XML (whatever the Accept header says);
+* `GET /ca/ee/ca/getInfo?template=/ee/ca/toDisplayCRL&xml=true`: Dogtag's XML envelope with
+  master_host/master_port and CRL numbers; without a template, HTTP 200 with Dogtag's
+  `<unexpectedError>` envelope, as 10.10 answers;
 * `GET /ca/ee/ca/getCRL?op=getCRL&crlIssuingPoint=ID`: a DER CRL whose number is the LDAP record's;
-* `/ca/agent/ca/updateCRL`: needs a verified client certificate (TLS client auth is "want");
-* while master: advances `cn=<ID>,ou=crlIssuingPoints,ou=ca,<basedn>` (crlNumber, thisUpdate,
-  nextUpdate) every --crl-interval seconds, and records who wrote it (see CRLDirectory).
+* `GET /ca/rest/certs?size=1`: a certificate listing that reads the database;
+* `/ca/agent/ca/updateCRL`: needs a verified client certificate (TLS client auth is "want"); the
+  master answers `<time>ms</time>`, a clone `<crlUpdate>notInitialized</crlUpdate>`;
+* while master: advances `cn=<ID>,ou=crlIssuingPoints,ou=ca,<basedn>` (crlNumber in Dogtag's
+  length-prefixed encoding, thisUpdate, nextUpdate) every --crl-interval seconds, and records who
+  wrote it (see CRLDirectory);
+* with its 389-DS down (--ldap-url unreachable): getStatus still `running`, getInfo 200 with an
+  empty body, getCRL an HTML "Unauthorized" page, /ca/rest/certs a 500 PKIException; started while
+  its DS is down, it answers Tomcat's 404 to everything, for good, until restarted.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import json
 import math
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -37,6 +51,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from ..cscfg import Role, classify, read_cscfg
+from ..probes.directory import format_dogtag_number, parse_dogtag_number
 from .pki import LabCA
 
 JSON_VERSION = "11.5.0"
@@ -46,6 +61,16 @@ GENERALIZED_TIME = "%Y%m%d%H%M%SZ"
 LOG_ATTR = "labCRLWriteLog"
 LOG_KEEP = 20  # a writer trims only its own old log values, so two writers never delete each other's
 CRL_PATH = "/ca/ee/ca/getCRL"
+INFO_TEMPLATES = ("/ee/ca/toDisplayCRL",)  # the template the EE page links to
+REFUSE_SHARE = 0.4  # of --start-delay: a real start refused for 6.6-8.8 s of 16.5-17.9 s
+NOT_FOUND_PAGE = (
+    "<!doctype html><html lang=\"en\"><head><title>HTTP Status 404 \u2013 Not Found</title></head>"
+    "<body><h1>HTTP Status 404 \u2013 Not Found</h1></body></html>"
+)
+UNAUTHORIZED_PAGE = (
+    "<HTML><head><TITLE>CA End-Entity Generic Unauthorized</TITLE></head><BODY>"
+    "Unauthorized Access You are not authorized for this operation.</BODY></HTML>"
+)
 
 
 def _process_age() -> float:
@@ -106,7 +131,7 @@ def record_from_attrs(issuing_point: str, attrs: dict[str, list[Any]]) -> CRLRec
         return None
     desc = _first(attrs, "description")
     writer = desc.removeprefix("writer=") if desc and desc.startswith("writer=") else None
-    return CRLRecord(issuing_point, int(number), _parse_gt(this_u), _parse_gt(next_u), writer)
+    return CRLRecord(issuing_point, parse_dogtag_number(number), _parse_gt(this_u), _parse_gt(next_u), writer)
 
 
 class CRLDirectory:
@@ -153,6 +178,25 @@ class CRLDirectory:
         attrs: dict[str, list[Any]] = dict(conn.entries[0].entry_attributes_as_dict)
         return record_from_attrs(issuing_point, attrs), attrs
 
+    def ping(self) -> None:
+        """Bind and unbind: is the database there (OSError if not)?"""
+        self._connect().unbind()
+
+    def count_certs(self) -> int:
+        """The certificate records under ou=certificateRepository (0 if the lab has none)."""
+        from ldap3 import LEVEL
+
+        conn = self._connect()
+        try:
+            base = f"ou=certificateRepository,ou=ca,{self.basedn}"
+            if not conn.search(base, "(objectClass=*)", LEVEL, attributes=["cn"], size_limit=1):
+                if conn.result.get("result") in (4, 32):  # sizeLimitExceeded, noSuchObject
+                    return len(conn.entries)
+                raise OSError(f"LDAP search {base}: {conn.result.get('description')}")
+            return len(conn.entries)
+        finally:
+            conn.unbind()
+
     def read(self, issuing_points: Sequence[str]) -> dict[str, CRLRecord]:
         conn = self._connect()
         try:
@@ -183,11 +227,11 @@ class CRLDirectory:
                 _, attrs = self._read(conn, issuing_point)
                 now = dt.datetime.now(dt.UTC)
                 current = _first(attrs, "crlNumber") if attrs is not None else None
-                number = (int(current) if current and current.isdigit() else starting) + 1
+                number = (parse_dogtag_number(current) if current else starting) + 1
                 stamp = f"{now.strftime('%Y%m%d%H%M%S')}.{now.microsecond // 1000:03d}Z"
                 log_value = f"{stamp} writer={writer} crlNumber={number}"
                 values = {
-                    "crlNumber": str(number),
+                    "crlNumber": format_dogtag_number(number),
                     "thisUpdate": _gt(now),
                     "nextUpdate": _gt(now + next_after),
                     "description": f"writer={writer}",
@@ -274,6 +318,7 @@ class SimCA:
         self.crl_lock = asyncio.Lock()
         self.ready_at = 0.0
         self.bound_port = s.port
+        self.engine_failed = False  # started while its database was down: Tomcat's 404, for good
 
     def _signer(self) -> LabCA:
         """CRLs are signed by the lab CA key (--signing-key, cert from --cafile) or else by the server key."""
@@ -300,6 +345,16 @@ class SimCA:
     # ---- state --------------------------------------------------------------------------------------
     def running(self) -> bool:
         return time.monotonic() >= self.ready_at
+
+    async def database_up(self) -> bool:
+        if self.directory is None:
+            return True
+        try:
+            await asyncio.to_thread(self.directory.ping)
+        except Exception as exc:
+            _log(f"database unreachable: {exc}")
+            return False
+        return True
 
     async def current_records(self) -> dict[str, CRLRecord]:
         """Master: its in-memory issuing points; clone (master.ca.agent.* set): the LDAP records."""
@@ -333,6 +388,8 @@ class SimCA:
     async def crl_loop(self) -> None:
         # a Dogtag CA generates CRLs only once its engine is up
         await asyncio.sleep(max(0.0, self.ready_at - time.monotonic()))
+        if self.engine_failed:
+            return
         while True:
             await self.update_crls()
             await asyncio.sleep(self.s.crl_interval)
@@ -365,7 +422,7 @@ class SimCA:
             return web.Response(status=503, text=body, content_type="text/html")
         if self.s.status_fault == "garbage":
             return web.Response(status=200, body=b"\x00\x17<<garbage{{not dogtag", content_type="application/json")
-        status = "running" if self.running() else "starting"
+        status = "running"  # a real CA sends nothing before it runs (the silent accept period)
         if self.s.status_format == "xml":
             body = (
                 '<?xml version="1.0" encoding="UTF-8" standalone="no"?><XMLResponse>'
@@ -377,6 +434,22 @@ class SimCA:
         return web.Response(text=json.dumps(doc), content_type="application/json")
 
     async def get_info(self, request: web.Request) -> web.StreamResponse:
+        template = request.query.get("template")
+        if template is None or template not in INFO_TEMPLATES:
+            # 10.10's GetInfo.process: HTTP 200 with an error envelope, never the values
+            message = (
+                "Error encountered while rendering a response."
+                if template is None
+                else "Error encountered while loading output template."
+            )
+            body = (
+                '<?xml version="1.0" encoding="UTF-8" standalone="no"?><xml><header/><fixed>'
+                f"<authorityName>Certificate Manager</authorityName><unexpectedError>{message}</unexpectedError>"
+                "<requestStatus>7</requestStatus></fixed><records/></xml>"
+            )
+            return web.Response(text=body, content_type="application/xml")
+        if not await self.database_up():
+            return web.Response(status=200, body=b"")  # what 10.10 answers with its 389-DS down
         records = await self.current_records()
         ips = [ip for ip in self.issuing_points if ip in records]
         header = {
@@ -400,6 +473,8 @@ class SimCA:
             return web.Response(status=400, text="unsupported op", content_type="text/plain")
         if ip not in self.issuing_points:
             return web.Response(status=404, text=f"no CRL issuing point {ip}", content_type="text/plain")
+        if not await self.database_up():
+            return web.Response(text=UNAUTHORIZED_PAGE, content_type="text/html")
         rec = (await self.current_records()).get(ip)
         if rec is None:
             return web.Response(status=404, text=f"CRL {ip} not yet generated", content_type="text/plain")
@@ -413,54 +488,146 @@ class SimCA:
         if request.method == "POST":
             params.update({k: str(v) for k, v in (await request.post()).items()})
         ip = params.get("crlIssuingPoint", "MasterCRL")
-        if ip not in self.issuing_points:
-            result = "Failure"
-        elif not self.is_master:
-            result = "Disabled"  # a clone's issuing points have enableCRLUpdates=false
+        if ip not in self.issuing_points or not self.is_master:
+            # a clone's issuing points have enableCRLUpdates=false: Dogtag never initialised them
+            header = {"crlIssuingPoint": ip, "crlUpdate": "notInitialized"}
         else:
+            t0 = time.monotonic()
             await self.update_crls()
-            result = "Success" if ip in self.records else "Failure"
-        return web.Response(
-            text=_xml_envelope({"crlIssuingPoint": ip, "crlUpdate": result}), content_type="application/xml"
-        )
+            ms = round((time.monotonic() - t0) * 1000)
+            header = (
+                {"crlIssuingPoint": ip, "time": str(ms)}
+                if ip in self.records
+                else {"crlIssuingPoint": ip, "crlUpdate": "Failure"}
+            )
+        return web.Response(text=_xml_envelope(header), content_type="application/xml")
+
+    async def list_certs(self, request: web.Request) -> web.StreamResponse:
+        """/ca/rest/certs: a listing read from the database (a 500 PKIException when it is down)."""
+        if self.directory is None:
+            return web.json_response({"total": 0, "entries": []})
+        try:
+            total = await asyncio.to_thread(self.directory.count_certs)
+        except Exception as exc:
+            doc = {
+                "ClassName": "com.netscape.certsrv.base.PKIException",
+                "Code": 500,
+                "Message": f"Unable to list certificates: Failed to connect LDAP server {exc}",
+            }
+            return web.json_response(doc, status=500)
+        return web.json_response({"total": total, "entries": []})
+
+    @web.middleware
+    async def engine(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if self.engine_failed:  # "Unable to start CA engine": only Tomcat's own pages remain
+            return web.Response(status=404, text=NOT_FOUND_PAGE, content_type="text/html")
+        return await handler(request)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.engine])
         app.router.add_get("/ca/admin/ca/getStatus", self.get_status)
+        app.router.add_get("/ca/rest/certs", self.list_certs)
         app.router.add_get("/ca/ee/ca/getInfo", self.get_info)
         app.router.add_get(CRL_PATH, self.get_crl)
         app.router.add_route("*", "/ca/agent/ca/updateCRL", self.update_crl)
         return app
 
-    async def serve(self, stop: asyncio.Event, on_listening: Callable[[SimCA], Awaitable[None]] | None = None) -> None:
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Start as a real 10.10 CA does (refuse, then accept silently, then answer), serve until stop."""
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
         crl_task: asyncio.Task[None] | None = None
+        sock: socket.socket | None = None
         try:
-            site = web.TCPSite(runner, self.s.host, self.s.port, ssl_context=self.ssl_context(), shutdown_timeout=1.0)
-            await site.start()
-            server = site._server  # the bound port, when --port 0 asked for any free one
-            sockets = getattr(server, "sockets", None) or []
-            if sockets:
-                self.bound_port = int(sockets[0].getsockname()[1])
+            archive_cscfg(self.s.cs_cfg)  # pkidaemon start, an ExecStartPre of the unit
             # like a real CA, the start time runs from the process start (interpreter and imports included)
-            self.ready_at = time.monotonic() + max(0.0, self.s.start_delay - _process_age())
-            if self.is_master:
-                crl_task = asyncio.create_task(self.crl_loop())
+            began = time.monotonic() - _process_age()
+            ready_at = began + self.s.start_delay
+            refuse_until = began + REFUSE_SHARE * self.s.start_delay
+            # --port 0 (tests): the port must be known at once, so no refusing period
+            if self.s.port != 0 and await _stopped_within(stop, refuse_until - time.monotonic()):
+                return
+            # bound and listening, nobody accepting: the kernel completes TCP handshakes, nothing answers
+            sock = socket.create_server((self.s.host, self.s.port), backlog=128)
+            self.bound_port = int(sock.getsockname()[1])
             print(
                 f"simca {self.name} listening on https://{self.s.host}:{self.bound_port} "
                 f"role={self.role.value} format={self.s.status_format} ldap={self.s.ldap_url or '-'}",
                 flush=True,
             )
-            if on_listening is not None:
-                await on_listening(self)
+            rewrite_cscfg_sorted(self.s.cs_cfg)  # the CA's config store writes CS.cfg back while it starts
+            if await _stopped_within(stop, ready_at - time.monotonic()):
+                return
+            if not await self.database_up():
+                _log("Unable to start CA engine: Password test execution failed. Is the database up?")
+                self.engine_failed = True
+            self.ready_at = time.monotonic()
+            site = web.SockSite(runner, sock, ssl_context=self.ssl_context(), shutdown_timeout=1.0)
+            await site.start()
+            sock = None  # the site owns it now
+            if self.is_master and not self.engine_failed:
+                crl_task = asyncio.create_task(self.crl_loop())
             await stop.wait()
         finally:
             if crl_task is not None:
                 crl_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await crl_task
+            if sock is not None:
+                sock.close()
             await runner.cleanup()
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds`; True if stop was set meanwhile."""
+    if seconds > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
+
+
+def archive_cscfg(path: str) -> Path | None:
+    """pkidaemon start: copy CS.cfg to archives/CS.cfg.bak.<YYYYmmddHHMMSS> and point the CS.cfg.bak
+    symlink at it, only when CS.cfg differs from what CS.cfg.bak points at."""
+    real = Path(os.path.realpath(path))
+    link = real.with_name("CS.cfg.bak")
+    data = real.read_bytes()
+    with contextlib.suppress(OSError):
+        if link.read_bytes() == data:
+            return None
+    archives = real.parent / "archives"
+    archives.mkdir(exist_ok=True)
+    target = archives / f"CS.cfg.bak.{time.strftime('%Y%m%d%H%M%S')}"
+    target.write_bytes(data)
+    tmp = link.with_name(link.name + ".new")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    tmp.symlink_to(target)
+    tmp.replace(link)
+    return target
+
+
+def rewrite_cscfg_sorted(path: str) -> None:
+    """Write CS.cfg back as Dogtag's config store does: one `key=value` per key (the last one wins),
+    keys in sorted order, LF endings. Owner and mode are kept; the file is replaced atomically."""
+    real = os.path.realpath(path)
+    cfg = read_cscfg(real)
+    last = {line.key: line for line in cfg.lines if line.key is not None}
+    data = "".join(line.raw.rstrip("\n").removesuffix("\r") + "\n" for _, line in sorted(last.items()))
+    st = os.stat(real)
+    tmp = f"{real}.simca-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data.encode("utf-8"))
+        os.fchmod(fd, st.st_mode & 0o7777)
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, st.st_uid, st.st_gid)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, real)
 
 
 def settings_from_args(args: argparse.Namespace) -> SimSettings:

@@ -1,8 +1,11 @@
-"""The agent-port probe: Dogtag's getStatus and getInfo over HTTPS (aiohttp).
+"""The agent-port probe: Dogtag's getStatus, getInfo and a functional request over HTTPS (aiohttp).
 
 Healthy = HTTP 200, `Status == running`, `State == 1` (dogtag.md 3.2). Bodies are parsed as
-JSON (PKI 11) first, then XML (PKI 10). Nothing a server does makes these calls raise: every
-failure becomes a `down` AgentStatus or an AgentInfo with ok=False and a reason.
+JSON (PKI 11) first, then XML (PKI 10; 10.10 answers XML even to `Accept: application/json`).
+getStatus alone does not mean "can serve": a real 10.10 CA whose 389-DS is down still says
+`running`. `serving()` adds a request that reads the CA's database (`/ca/rest/certs?size=1`).
+Nothing a server does makes these calls raise: every failure becomes a `down` AgentStatus or an
+AgentInfo with ok=False and a reason.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import asyncio
 import errno
 import json
+import re
 import ssl
 import sys
 import time
@@ -22,7 +26,16 @@ from typing import Literal
 import aiohttp
 
 STATUS_PATH = "/ca/admin/ca/getStatus"
-INFO_PATH = "/ca/ee/ca/getInfo?xml=true"
+# getInfo needs an output template: without one Dogtag 10.10 answers HTTP 200 with
+# <unexpectedError>Error encountered while rendering a response.</unexpectedError>
+INFO_PATH = "/ca/ee/ca/getInfo?template=/ee/ca/toDisplayCRL&xml=true"
+# lists one certificate record: a query of the CA's database (500 when its 389-DS is down)
+FUNCTIONAL_PATH = "/ca/rest/certs?size=1"
+# reasons that a CA which was just told to start gives before it answers: the port refuses, then
+# accepts connections and says nothing for about 10 s (real 10.10: no `starting` status is ever sent)
+REASON_REFUSED = "connection refused"
+REASON_NO_ANSWER = "timeout"
+_DIGITS = re.compile(r"[0-9]+")
 MAX_BODY = 256 * 1024  # getStatus/getInfo answers are tiny; never buffer an endless body
 
 StatusValue = Literal["running", "starting", "down"]
@@ -85,7 +98,7 @@ def parse_status_body(body: bytes) -> StatusDoc:
     """JSON `{"Response": {...}}` first, then XML `<XMLResponse>`; ValueError if neither."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         doc = None
     if doc is not None:
         resp = doc.get("Response") if isinstance(doc, dict) else None
@@ -126,21 +139,59 @@ def status_from_answer(http_status: int, body: bytes, latency: float) -> AgentSt
     return AgentStatus("running", None, http_status, doc.version, doc.state, latency)
 
 
+def _bad_info(error: str) -> AgentInfo:
+    return AgentInfo(None, None, {}, ok=False, error=f"bad answer: {error}")
+
+
+def functional_problem(http_status: int, body: bytes) -> str | None:
+    """None when `/ca/rest/certs?size=1` answered a certificate listing, else what is wrong.
+
+    Dogtag with its database down answers 500 with a PKIException JSON whose Message says why;
+    a CA whose engine failed to start answers Tomcat's 404 page.
+    """
+    try:
+        doc = json.loads(body) if body.strip() else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        doc = None
+    if http_status != 200:
+        message = doc.get("Message") if isinstance(doc, dict) else None
+        detail = f": {message[:160]}" if isinstance(message, str) else ""
+        return f"HTTP {http_status}{detail}"
+    if not isinstance(doc, dict) or not isinstance(doc.get("total"), int) or isinstance(doc.get("total"), bool):
+        return "HTTP 200 without a certificate listing ({\"total\": N, ...})"
+    return None
+
+
 def parse_info_body(body: bytes) -> AgentInfo:
-    """getInfo?xml=true: `<xml><header>` with master_host, master_port, crlIssuingPoints, crlNumbers."""
+    """getInfo (toDisplayCRL template, xml=true): `<xml><header>` with master_host, master_port,
+    crlIssuingPoints, crlNumbers.
+
+    Only a complete answer is an answer: an error envelope (`<unexpectedError>`, `<errorDetails>`),
+    an empty body (10.10 with its 389-DS down) or a header without the `master_host` and
+    `crlIssuingPoints` elements is ok=False, never "no master_host, so serving as master".
+    """
+    if not body.strip():
+        return _bad_info("empty body")
     try:
         root = safe_xml(body)
     except ValueError as exc:
-        return AgentInfo(None, None, {}, ok=False, error=str(exc))
+        return _bad_info(str(exc))
     header = root.find("header")
     if root.tag != "xml" or header is None:
-        return AgentInfo(None, None, {}, ok=False, error="not a Dogtag XML envelope (<xml><header>)")
+        return _bad_info("not a Dogtag XML envelope (<xml><header>)")
+    for tag in ("unexpectedError", "errorDetails", "error"):
+        err = root.find(f".//{tag}")
+        if err is not None:
+            return _bad_info(f"Dogtag error <{tag}>: {(_text(err) or '')[:120]}")
+    for tag in ("master_host", "crlIssuingPoints"):
+        if header.find(tag) is None:
+            return _bad_info(f"no <{tag}> in the header (not a getInfo answer)")
     host = _text(header.find("master_host")) or None
     port_text = _text(header.find("master_port")) or ""
     port: int | None = None
     if port_text:
-        if not port_text.isdigit():
-            return AgentInfo(host, None, {}, ok=False, error=f"master_port {port_text!r} is not a number")
+        if not _DIGITS.fullmatch(port_text) or not 0 < int(port_text) < 65536:
+            return _bad_info(f"master_port {port_text[:20]!r} is not a port number")
         port = int(port_text)
     # Dogtag joins the per-issuing-point values with '+'
     ips = [s for s in (_text(header.find("crlIssuingPoints")) or "").split("+") if s]
@@ -148,7 +199,7 @@ def parse_info_body(body: bytes) -> AgentInfo:
     numbers: dict[str, int] = {}
     for i, ip in enumerate(ips):
         n = nums[i].strip() if i < len(nums) else ""
-        if n.isdigit():
+        if _DIGITS.fullmatch(n):
             numbers[ip] = int(n)
     return AgentInfo(host, port, numbers, ok=True, error=None)
 
@@ -253,6 +304,27 @@ class AgentProbe:
         except Exception as exc:
             return AgentStatus("down", _describe(exc), None, None, None, time.monotonic() - t0)
         return status_from_answer(code, body, time.monotonic() - t0)
+
+    async def serving(self, base_url: str) -> AgentStatus:
+        """getStatus, then (when it says running) a request that reads the CA's database."""
+        st = await self.status(base_url)
+        if st.status != "running":
+            return st
+        url = base_url.rstrip("/") + FUNCTIONAL_PATH
+        t0 = time.monotonic()
+        try:
+            code, body = await self._get(url)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = f"getStatus running, but {FUNCTIONAL_PATH} failed: {_describe(exc)}"
+            return AgentStatus("down", reason, None, st.version, st.state, st.latency + time.monotonic() - t0)
+        latency = st.latency + time.monotonic() - t0
+        problem = functional_problem(code, body)
+        if problem is not None:
+            reason = f"getStatus running, but the CA cannot serve: {FUNCTIONAL_PATH} {problem}"
+            return AgentStatus("down", reason, code, st.version, st.state, latency)
+        return AgentStatus("running", None, st.http_status, st.version, st.state, latency)
 
     async def info(self, base_url: str) -> AgentInfo:
         url = base_url.rstrip("/") + INFO_PATH
