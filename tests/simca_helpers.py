@@ -150,9 +150,13 @@ def start_simca(
     crl_interval: float = 1.0,
     with_cafile: bool = True,
     startup_timeout: float = 20.0,
+    port: int = 0,
+    wait_listening: bool = True,
 ) -> SimCAProcess:
+    """Start a simulated CA; with port 0 (any free port) it binds at once and there is no period in
+    which it refuses connections. wait_listening=False returns right after the process started."""
     f = pki.files
-    args = [sys.executable, "-m", "ca_watchdog.cli", "lab", "ca", "--cs-cfg", str(cs_cfg), "--port", "0"]
+    args = [sys.executable, "-m", "ca_watchdog.cli", "lab", "ca", "--cs-cfg", str(cs_cfg), "--port", str(port)]
     args += ["--cert", str(f.server_cert), "--key", str(f.server_key), "--status-format", status_format]
     args += ["--start-delay", str(start_delay), "--status-delay", str(status_delay)]
     args += ["--crl-interval", str(crl_interval), "--name", name]
@@ -169,7 +173,9 @@ def start_simca(
     out, err = workdir / f"{stem}.out", workdir / f"{stem}.err"
     with out.open("wb") as o, err.open("wb") as e:
         proc = subprocess.Popen(args, stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=dict(os.environ))
-    sim = SimCAProcess(proc, name, 0, out, err)
+    sim = SimCAProcess(proc, name, port, out, err)
+    if not wait_listening:
+        return sim
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
         m = LISTENING.match(out.read_text())

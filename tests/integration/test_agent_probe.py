@@ -39,13 +39,16 @@ async def test_running_ca_is_running_in_both_formats(
     assert 0 < st.latency < 3.0
 
 
-async def test_starting_during_start_delay_then_running(tmp_path: Path, pki: LabPKI, master_cfg: Path) -> None:
-    with run_simca(tmp_path, pki, master_cfg, start_delay=2.0, status_format="xml") as sim:
-        async with AgentProbe(str(pki.ca_cert), timeout=3.0) as probe:
+async def test_a_starting_ca_accepts_connections_and_answers_nothing_until_it_runs(
+    tmp_path: Path, pki: LabPKI, master_cfg: Path
+) -> None:
+    """Like a real 10.10 start: no `starting` status, a silent port (the probe times out), then running."""
+    with run_simca(tmp_path, pki, master_cfg, start_delay=3.0, status_format="xml") as sim:
+        async with AgentProbe(str(pki.ca_cert), timeout=0.5) as probe:
             first = await probe.status(sim.url)
-            await asyncio.sleep(2.5)
+            await asyncio.sleep(3.0)
             later = await probe.status(sim.url)
-    assert (first.status, first.http_status, first.reason) == ("starting", 200, None)
+    assert (first.status, first.http_status, first.reason) == ("down", None, "timeout")
     assert later.status == "running"
 
 

@@ -281,12 +281,12 @@ async def test_crl_issuing_point_records_are_read_from_the_replicated_tree(ds_me
         c.add(
             dn,
             ["top", "extensibleObject"],
-            {"cn": ip, "crlNumber": "41", "thisUpdate": "20261127220000Z", "nextUpdate": "20261127230000Z"},
+            {"cn": ip, "crlNumber": "0241", "thisUpdate": "20261127220000Z", "nextUpdate": "20261127230000Z"},
         )
     try:
         with lab.connection("ca1") as c:
             c.modify(
-                dn, {"crlNumber": [(MODIFY_REPLACE, ["42"])], "thisUpdate": [(MODIFY_REPLACE, ["20261127221000Z"])]}
+                dn, {"crlNumber": [(MODIFY_REPLACE, ["0242"])], "thisUpdate": [(MODIFY_REPLACE, ["20261127221000Z"])]}
             )
 
         async def record_on_ca3() -> CRLRecord | None:

@@ -45,7 +45,12 @@ def test_getinfo_without_template_error_body_is_not_read_as_serving_as_master() 
 def test_getinfo_with_template_tells_the_real_master_from_the_real_clone() -> None:
     master = parse_info_body(real("getInfo.master.xml"))
     clone = parse_info_body(real("getInfo.clone.xml"))
-    assert (master.ok, master.master_host, master.master_port, master.crl_numbers) == (True, None, None, {"MasterCRL": 1})
+    assert (master.ok, master.master_host, master.master_port, master.crl_numbers) == (
+        True,
+        None,
+        None,
+        {"MasterCRL": 1},
+    )
     assert (clone.ok, clone.master_host, clone.master_port) == (True, "localhost", 8443)
 
 
@@ -221,5 +226,9 @@ def test_pkispawn_master_without_status_interval_and_listener_lines_is_a_master(
 
 def test_a_changed_unrelated_value_is_seen_by_the_key_value_comparison() -> None:
     cfg = cscfg.parse(real("CS.cfg.clone.real"), "CS.cfg.clone.real")
-    text = real("CS.cfg.clone.real").decode().replace("dbs.enableSerialManagement=true", "dbs.enableSerialManagement=false")
+    text = (
+        real("CS.cfg.clone.real")
+        .decode()
+        .replace("dbs.enableSerialManagement=true", "dbs.enableSerialManagement=false")
+    )
     assert cscfg.unrelated_items(cscfg.parse(text, "changed")) != cscfg.unrelated_items(cfg)
