@@ -169,6 +169,11 @@ class LocalCA:
             self._write(before, after)
             status = await self.status()
         if start and status.status == "down":
+            if status.http_status is not None:
+                # it answers, with a failure: a real CA started without its database answers 404 for
+                # good, and `start` of a running unit does nothing; only a restart recovers it
+                await journal(f"demote: stopping a CA that answers {status.reason}")
+                await self.stop()
             await journal(f"demote: starting as clone of {new_master}")
             await self.start()
 

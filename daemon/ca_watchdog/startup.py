@@ -12,7 +12,8 @@ refused or silent port is `starting`. Anything else stays what it is: an HTTP er
 functional probe (500: the database is down), and a Tomcat 404 (the CA engine failed to start:
 "Is the database up?"; it answers 404 for good until the next restart) once it has lasted
 `failed_start_grace` seconds, since the web application can briefly 404 while it deploys.
-Without a start command, a silent port is a frozen or overloaded CA, and a failure.
+Without a start command, a silent port is a frozen or overloaded CA, and a failure. A port that
+refuses again after it had accepted connections during the start means the JVM died: a failure.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ class StartupWatch:
     failed_start_grace: float = FAILED_START_GRACE
     started_at: float | None = None
     not_found_since: float | None = None
+    accepted: bool = False  # the port has accepted connections since the start command
 
     def start_issued(self, now: float) -> None:
-        self.started_at, self.not_found_since = now, None
+        self.started_at, self.not_found_since, self.accepted = now, None, False
 
     def stop_issued(self) -> None:
-        self.started_at, self.not_found_since = None, None
+        self.started_at, self.not_found_since, self.accepted = None, None, False
 
     def in_start(self, now: float) -> bool:
         return self.started_at is not None and now - self.started_at <= self.start_timeout
@@ -49,6 +51,9 @@ class StartupWatch:
         if self.started_at is None or not self.in_start(now):
             return st
         since = now - self.started_at
+        if st.reason == REASON_REFUSED and self.accepted:
+            return replace(st, reason=f"the port refuses again {since:.1f}s after the start: the CA died starting")
+        self.accepted = self.accepted or st.reason != REASON_REFUSED
         if st.http_status is None and st.reason in (REASON_REFUSED, REASON_NO_ANSWER):
             what = "port refuses connections" if st.reason == REASON_REFUSED else "port accepts, no answer yet"
             return replace(st, status="starting", reason=f"start issued {since:.1f}s ago; {what}")

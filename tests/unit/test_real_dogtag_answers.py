@@ -171,6 +171,15 @@ def test_refused_then_silent_port_after_a_start_command_is_starting_not_a_failur
     assert w.classify(down(REASON_NO_ANSWER), 130.0).status == "down"
 
 
+def test_a_port_that_refuses_again_during_the_start_is_a_ca_that_died_starting() -> None:
+    w = StartupWatch(start_timeout=180)
+    w.start_issued(0.0)
+    assert w.classify(down(REASON_REFUSED), 2.0).status == "starting"
+    assert w.classify(down(REASON_NO_ANSWER), 9.0).status == "starting"
+    died = w.classify(down(REASON_REFUSED), 12.0)
+    assert died.status == "down" and died.reason is not None and "died" in died.reason
+
+
 def test_silent_port_without_a_start_command_is_a_failure() -> None:
     w = StartupWatch(start_timeout=180)
     assert w.classify(down(REASON_NO_ANSWER), 10.0).status == "down"
