@@ -29,3 +29,8 @@ def dogtag_bed() -> DogtagBed:
     except (BedError, OSError, subprocess.SubprocessError) as exc:
         pytest.fail(f"the real-Dogtag bed at {bed.root} is not usable: {exc}\n{BUILD_HINT}", pytrace=False)
     return bed
+
+
+# ---- the real-systemd bed (beds/systemd/bed.sh) -------------------------------------------------
+# session-scoped: built if needed, booted and installed once, powered off at the end (systemd_bed.py)
+from systemd_bed import systemd_bed  # noqa: E402, F401
