@@ -54,6 +54,14 @@ INBED_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 die() { echo "bed.sh: $*" >&2; exit 1; }
 log() { echo "bed.sh: $*" >&2; }
 [ "$(id -u)" = 0 ] || die "run as root"
+lock() {  # for the verbs that change the bed: one bed.sh at a time (fd 9, closed for all they start),
+  # and no silent exit: a command failing under set -e says which one
+  set -o errtrace
+  trap 'echo "bed.sh: ${verb:-?}: \"$BASH_COMMAND\" failed (exit $?, line $LINENO)" >&2' ERR
+  mkdir -p "$STATE"
+  exec 9>"$STATE/bed.lock"
+  flock -w 600 9 || die "another bed.sh holds $STATE/bed.lock for more than 10 minutes"
+}
 
 host_mirror() {  # the machine's configured Debian mirror (deb822 or one-line sources), else deb.debian.org
   local m=""
@@ -81,7 +89,7 @@ bexec() {  # run a command inside the bed; env -i: the host's PIP_*, proxies, lo
   local c
   c=$(leader) || die "bed $MACHINE is not running (start it: bash $HERE/bed.sh up)"
   nsenter -t "$c" -a env -i PATH="$INBED_PATH" HOME=/root TERM=dumb LANG=C.UTF-8 \
-    SYSTEMD_PAGER= SYSTEMD_COLORS=0 "$@"
+    SYSTEMD_PAGER= SYSTEMD_COLORS=0 "$@" 9>&-
 }
 
 # ---- verbs -------------------------------------------------------------------------------------------
@@ -121,7 +129,7 @@ boot() {
   # setsid execs nspawn, so $! is nspawn itself (what leader() expects).
   ( cd /
     setsid systemd-nspawn -D "$ROOT" -b --machine="$MACHINE" --register=no --keep-unit \
-      --console=read-only >"$STATE/console.log" 2>&1 </dev/null &
+      --console=read-only >"$STATE/console.log" 2>&1 </dev/null 9>&- &
     echo $! >"$STATE/nspawn.pid" )
   np=$(cat "$STATE/nspawn.pid")
   local state=""
@@ -185,6 +193,7 @@ status() {
 }
 
 verb=${1:-}; shift || true
+case "$verb" in build|boot|install|reset|up|poweroff|destroy) lock ;; esac
 case "$verb" in
   build) build ;;
   boot) boot ;;
