@@ -136,7 +136,7 @@ do_umount() {
 }
 
 # --- processes -----------------------------------------------------------------------------------
-cmdline_has() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$2"; }
+cmdline_has() { tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -qF -- "$2"; }
 
 ca_pid() { # prints the JVM's pid if this instance's Tomcat runs
   local p
@@ -167,6 +167,10 @@ stop_pid() { # label pid timeout
 }
 
 ldap_up() { ch ldapsearch -x -o nettimeout=2 -H "ldap://127.0.0.1:$1" -s base -b "" vendorVersion >/dev/null 2>&1; }
+
+ca_http_code() { # https port -> the HTTP status of getStatus (000: no answer)
+  ch curl -sk -m 3 -o /dev/null -w '%{http_code}' "https://127.0.0.1:$1/ca/admin/ca/getStatus" 2>/dev/null || true
+}
 
 ca_state() { # https port -> the <Status> text of getStatus, or nothing
   ch curl -sk -m 3 "https://127.0.0.1:$1/ca/admin/ca/getStatus" 2>/dev/null |
@@ -584,8 +588,14 @@ start_role() {
     i=${ROLE_CA[$r]}
     [ -f "$ROOT/etc/pki/$i/ca/CS.cfg" ] || continue
     if ca_pid "$i" >/dev/null; then
-      started[$i]=0 # already running: only checked
-      continue
+      # a CA started while its DS was down answers 404 for good (the JVM stays up): restart it
+      if [ "$(ca_state "${CA_HTTPS[$i]}")" != running ] && [ "$(ca_http_code "${CA_HTTPS[$i]}")" = 404 ]; then
+        say "CA $i answers 404 (started while its DS was down?): restarting it"
+        ca_stop "$i"
+      else
+        started[$i]=0 # already running: only checked
+        continue
+      fi
     fi
     t=$(date +%s%N)
     ca_launch "$i"
