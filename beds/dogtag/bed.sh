@@ -184,6 +184,9 @@ wait_ldap() { # name; fails early once the pid file names a dead process (ns-sla
     if p=$(cat "$ROOT/run/dirsrv/slapd-$1.pid" 2>/dev/null) && [ -n "$p" ] && ! kill -0 "$p" 2>/dev/null; then
       die "DS $1 exited (see $ROOT/var/log/dirsrv/slapd-$1/errors)"
     fi
+    if [ "$i" -ge 150 ] && ! ds_pid "$1" >/dev/null; then
+      die "DS $1 is not running (see $ROOT/var/log/dirsrv/slapd-$1/errors: $(tail -n 1 "$ROOT/var/log/dirsrv/slapd-$1/errors" 2>/dev/null))"
+    fi
     sleep 0.1
   done
   die "DS $1: LDAP on 127.0.0.1:${DS_PORT[$1]} did not answer within 60 s"
@@ -215,6 +218,10 @@ ds_launch() { # name: start ns-slapd (it forks; what dsctl start runs) without w
   ds_pid "$n" >/dev/null && return 0
   [ -f "$ROOT/etc/dirsrv/slapd-$n/dse.ldif" ] || die "DS $n does not exist (run: bash $0 build)"
   rm -f "$ROOT/run/dirsrv/slapd-$n.pid"
+  # a killed ns-slapd leaves its lock (server/<pid>); with that pid reused by another process the
+  # next start stops: "Unable to start slapd because it is already running as process <pid>"
+  rm -f "$ROOT/run/lock/dirsrv/slapd-$n/server/"* "$ROOT/run/lock/dirsrv/slapd-$n/imports/"* \
+    "$ROOT/run/lock/dirsrv/slapd-$n/exports/"*
   mkdir -p "$ROOT/run/dirsrv" "$ROOT/run/lock/dirsrv/slapd-$n"
   ch chown dirsrv:dirsrv /run/dirsrv /run/lock/dirsrv /run/lock/dirsrv/slapd-"$n"
   # (its console only repeats the errors log, e.g. "Can not access /proc/sys/crypto/fips_enabled")
@@ -324,7 +331,7 @@ Acquire::Check-Valid-Until "false";
 Acquire::Languages "none";
 EOF
   echo force-unsafe-io >"$ROOT/etc/dpkg/dpkg.cfg.d/90cawd-unsafe-io" # no fsync per file: faster
-  printf 'path-exclude=/usr/share/%s/*\n' doc man info locale >"$ROOT/etc/dpkg/dpkg.cfg.d/90cawd-nodoc"
+  rm -f "$ROOT/etc/dpkg/dpkg.cfg.d/90cawd-nodoc" # (tried once; not measured from nothing)
   printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d"         # packages start nothing
   chmod 755 "$ROOT/usr/sbin/policy-rc.d"
   # no ::1 line: "localhost" can only mean 127.0.0.1
