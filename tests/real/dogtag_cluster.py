@@ -186,7 +186,7 @@ class RealCluster:
             cfg.write_text("\n".join(lines) + "\n")
 
     def cli(self, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "ca_watchdog.cli", "--config", str(self.config(name)), *args]
+        argv = [sys.executable, "-m", "ca_watchdog.cli", args[0], "--config", str(self.config(name)), *args[1:]]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
     def start(self) -> None:
@@ -195,7 +195,7 @@ class RealCluster:
                 continue
             out = self.log(name).open("ab")
             self.daemons[name] = subprocess.Popen(
-                [sys.executable, "-m", "ca_watchdog.cli", "--config", str(self.config(name)), "run"],
+                [sys.executable, "-m", "ca_watchdog.cli", "run", "--config", str(self.config(name))],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
