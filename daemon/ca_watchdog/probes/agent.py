@@ -294,32 +294,32 @@ class AgentProbe:
         async with asyncio.timeout(self.timeout + 1.0), session.get(url, allow_redirects=False) as resp:
             return resp.status, await _read_limited(resp)
 
-    async def status(self, base_url: str) -> AgentStatus:
-        url = base_url.rstrip("/") + STATUS_PATH
-        t0 = time.monotonic()
+    async def _fetch(self, base_url: str, path: str) -> tuple[int, bytes] | str:
+        """(HTTP status, body), or why there is no answer (cancellation still propagates)."""
         try:
-            code, body = await self._get(url)
-        except asyncio.CancelledError:
-            raise
+            return await self._get(base_url.rstrip("/") + path)
         except Exception as exc:
-            return AgentStatus("down", _describe(exc), None, None, None, time.monotonic() - t0)
-        return status_from_answer(code, body, time.monotonic() - t0)
+            return _describe(exc)
+
+    async def status(self, base_url: str) -> AgentStatus:
+        t0 = time.monotonic()
+        answer = await self._fetch(base_url, STATUS_PATH)
+        if isinstance(answer, str):
+            return AgentStatus("down", answer, None, None, None, time.monotonic() - t0)
+        return status_from_answer(*answer, time.monotonic() - t0)
 
     async def serving(self, base_url: str) -> AgentStatus:
         """getStatus, then (when it says running) a request that reads the CA's database."""
         st = await self.status(base_url)
         if st.status != "running":
             return st
-        url = base_url.rstrip("/") + FUNCTIONAL_PATH
         t0 = time.monotonic()
-        try:
-            code, body = await self._get(url)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            reason = f"getStatus running, but {FUNCTIONAL_PATH} failed: {_describe(exc)}"
-            return AgentStatus("down", reason, None, st.version, st.state, st.latency + time.monotonic() - t0)
+        answer = await self._fetch(base_url, FUNCTIONAL_PATH)
         latency = st.latency + time.monotonic() - t0
+        if isinstance(answer, str):
+            reason = f"getStatus running, but {FUNCTIONAL_PATH} failed: {answer}"
+            return AgentStatus("down", reason, None, st.version, st.state, latency)
+        code, body = answer
         problem = functional_problem(code, body)
         if problem is not None:
             reason = f"getStatus running, but the CA cannot serve: {FUNCTIONAL_PATH} {problem}"
@@ -327,13 +327,10 @@ class AgentProbe:
         return AgentStatus("running", None, st.http_status, st.version, st.state, latency)
 
     async def info(self, base_url: str) -> AgentInfo:
-        url = base_url.rstrip("/") + INFO_PATH
-        try:
-            code, body = await self._get(url)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            return AgentInfo(None, None, {}, ok=False, error=_describe(exc))
+        answer = await self._fetch(base_url, INFO_PATH)
+        if isinstance(answer, str):
+            return AgentInfo(None, None, {}, ok=False, error=answer)
+        code, body = answer
         if code != 200:
             return AgentInfo(None, None, {}, ok=False, error=f"HTTP {code}")
         return parse_info_body(body)
