@@ -685,3 +685,98 @@ async def test_etcd_over_tls_with_client_certificates_and_a_password(tmp_path: P
         await s3.close()
     finally:
         lab.stop()
+
+
+# ---- the facts a decision reads (issue 9): epoch record, cooldown key, request ids, one read ----------
+
+
+async def test_epoch_record_says_who_held_the_key_how_it_was_taken_and_that_it_was_released(backend: Backend) -> None:
+    a, b = backend.open(), backend.open()
+    assert await a.get_epoch_record() is None
+    r1 = await a.acquire_leader("ca1", TTL, "bootstrap", kind="bootstrap")
+    assert r1 is not None
+    rec = await b.get_epoch_record()
+    assert rec is not None and (rec.epoch, rec.name, rec.kind, rec.ended) == (1, "ca1", "bootstrap", None)
+    assert await a.release_leader("ca1", 1, "switchover to ca2", target="ca2")
+    rec = await b.get_epoch_record()
+    assert rec is not None and (rec.ended, rec.target, rec.ended_reason) == ("released", "ca2", "switchover to ca2")
+    assert await b.acquire_leader("ca2", TTL, "switchover", kind="switchover") is not None
+    rec = await a.get_epoch_record()
+    assert rec is not None and (rec.epoch, rec.name, rec.kind) == (2, "ca2", "switchover")
+    assert (rec.previous, rec.previous_ended, rec.ended) == ("ca1", "released", None)
+    await wait_until(lambda: _no_leader(a), limit=4.0)  # ca2 dies: its lease expires, nobody writes "ended"
+    assert await a.acquire_leader("ca3", TTL, "elected") is not None
+    rec = await b.get_epoch_record()
+    assert rec is not None and (rec.epoch, rec.kind, rec.previous, rec.previous_ended) == (
+        3,
+        "automatic",
+        "ca2",
+        "expired",
+    )
+
+
+async def test_taking_an_expired_key_back_with_an_expected_epoch_fails_once_another_epoch_was_handed_out(
+    backend: Backend,
+) -> None:
+    a, b = backend.open(), backend.open()
+    assert await a.acquire_leader("ca1", TTL, "bootstrap", kind="bootstrap") is not None
+    await wait_until(lambda: _no_leader(a), limit=4.0)
+    assert await b.acquire_leader("ca2", TTL, "elected") is not None  # epoch 2, then it expires too
+    await wait_until(lambda: _no_leader(a), limit=4.0)
+    assert await a.acquire_leader("ca1", TTL, "take my key back", kind="resume", expect_epoch=1) is None
+    took = await a.acquire_leader("ca1", TTL, "take my key back", kind="resume", expect_epoch=2)
+    assert took is not None and took.epoch == 3
+
+
+async def test_cooldown_key_needs_the_holder_lives_its_ttl_and_ack_ends_it(backend: Backend) -> None:
+    a, b = backend.open(), backend.open()
+    rec = await a.acquire_leader("ca2", 30, "elected")
+    assert rec is not None
+    assert not await b.start_cooldown("ca3", rec.epoch, 30), "only the holder starts the cooldown"
+    assert not await b.start_cooldown("ca2", rec.epoch + 1, 30)
+    assert await a.start_cooldown("ca2", rec.epoch, TTL)
+    cd = await b.get_cooldown()
+    assert cd is not None and (cd.name, cd.epoch) == ("ca2", rec.epoch)
+    await wait_until(lambda: _none(b.get_cooldown()), limit=5.0)  # the store ends it, nobody's clock
+    assert await a.start_cooldown("ca2", rec.epoch, 30)
+    at = await b.ack_cooldown()
+    assert await a.get_cooldown() is None
+    assert (await a.get_flags()).cooldown_ack_at == at
+
+
+async def test_clearing_a_switchover_request_by_id_never_deletes_a_newer_one(backend: Backend) -> None:
+    s = backend.open()
+    old = await s.request_switchover("ca2", "switchover", "admin")
+    new = await s.request_switchover("ca3", "switchover", "admin")
+    assert old.id and new.id and old.id != new.id
+    await s.clear_switchover(old.id)
+    assert (await s.get_flags()).switchover == new
+    await s.clear_switchover(new.id)
+    assert (await s.get_flags()).switchover is None
+
+
+async def test_read_state_returns_every_fact_of_a_cycle_at_once(backend: Backend) -> None:
+    s = backend.open()
+    empty = await s.read_state()
+    assert (empty.leader, empty.epoch, empty.epoch_unreadable, empty.cooldown) == (None, None, False, None)
+    rec = await s.acquire_leader("ca1", 30, "bootstrap", kind="bootstrap")
+    assert rec is not None
+    await s.put_member("ca2", {"x": 1}, 30)
+    await s.set_paused(True)
+    await s.start_cooldown("ca1", rec.epoch, 30)
+    st = await s.read_state()
+    assert st.leader is not None and (st.leader.name, st.leader.epoch) == ("ca1", rec.epoch)
+    assert st.leader.expires_at > time.time() + 20
+    assert st.epoch is not None and st.epoch.kind == "bootstrap"
+    assert set(st.members.records) == {"ca2"} and st.flags.paused and st.cooldown is not None
+
+
+async def test_unreadable_epoch_record_is_reported_and_never_read_as_an_empty_store(backend: Backend) -> None:
+    s = backend.open()
+    await backend.raw_put("epoch", '{"epoch": "seven"}', None)
+    st = await s.read_state()
+    assert st.epoch is None and st.epoch_unreadable and any("epoch" in p for p in st.problems)
+
+
+async def _none(aw: Awaitable[object]) -> bool:
+    return await aw is None

@@ -15,22 +15,26 @@ from ca_watchdog.store import open_store
 from ca_watchdog.store.base import (
     KEY_PAUSED,
     KEY_SWITCHOVER,
+    EpochRecord,
     LeaderRecord,
     RecordError,
     SwitchoverRequest,
+    acquired_record,
     decode_crl,
     decode_epoch,
+    decode_epoch_record,
     decode_flags,
     decode_history,
     decode_leader,
     decode_member,
     dumps,
     encode_crl,
-    encode_epoch,
+    encode_epoch_record,
     encode_history,
     encode_leader,
     encode_member,
     encode_switchover,
+    released_record,
     ttl_seconds,
 )
 from ca_watchdog.store.etcd import EtcdStore, b64, prefix_end, unb64
@@ -47,9 +51,7 @@ def leader_json(**over: Any) -> str:
 
 def test_leader_record_round_trips_through_the_codec() -> None:
     raw = encode_leader("ca2", 7, 100.0, 105.5, "ca1 released the key")
-    assert decode_leader(raw, MEMBERS, 130.0) == LeaderRecord(
-        "ca2", 7, 100.0, 105.5, 130.0, "ca1 released the key"
-    )
+    assert decode_leader(raw, MEMBERS, 130.0) == LeaderRecord("ca2", 7, 100.0, 105.5, 130.0, "ca1 released the key")
     assert decode_leader(raw.encode(), MEMBERS, 130.0).epoch == 7, "etcd hands us bytes"
 
 
@@ -80,10 +82,47 @@ def test_unusable_leader_value_is_refused_with_a_reason(raw: str | bytes, why: s
 
 def test_epoch_record_reads_zero_on_an_empty_store_and_refuses_garbage() -> None:
     assert decode_epoch(None) == 0
-    assert decode_epoch(encode_epoch(41, "ca1", 1.0, "released: CA down")) == 41
+    assert decode_epoch(encode_epoch_record(EpochRecord(41, "ca1", "automatic", 1.0, "CA down"))) == 41
     for bad in ("[]", '{"epoch": -1}', '{"epoch": "4"}', '{"epoch": true}', "4"):
         with pytest.raises(RecordError):
             decode_epoch(bad)
+
+
+def test_epoch_record_says_how_the_key_was_taken_and_how_the_previous_holder_ended() -> None:
+    first = acquired_record(None, "ca1", 10.0, "bootstrap", "bootstrap")
+    assert (first.epoch, first.previous, first.previous_ended, first.ended) == (1, None, None, None)
+    # ca1's lease runs out: ca2 takes the key; the record says ca1 expired
+    second = acquired_record(first, "ca2", 50.0, "elected", "automatic")
+    assert (second.epoch, second.previous, second.previous_ended) == (2, "ca1", "expired")
+    # ca2 steps down cleanly; ca3 takes over: "released"
+    gone = released_record(second, 60.0, "switchover to ca3", "ca3")
+    third = acquired_record(gone, "ca3", 61.0, "switchover", "switchover")
+    assert (third.previous, third.previous_ended) == ("ca2", "released")
+    for rec in (first, second, gone, third):
+        assert decode_epoch_record(encode_epoch_record(rec), MEMBERS) == rec
+    with pytest.raises(ValueError, match="kind"):
+        acquired_record(None, "ca1", 1.0, "x", "takeover")
+
+
+def test_epoch_record_of_the_first_version_reads_its_release_marker() -> None:
+    old = json.dumps({"epoch": 4, "name": "ca2", "at": 3.0, "reason": "released: CA down"})
+    rec = decode_epoch_record(old, MEMBERS)
+    assert (rec.epoch, rec.name, rec.kind, rec.ended) == (4, "ca2", "automatic", "released")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"epoch": 3, "name": "ca9", "at": 1, "reason": "x"}',
+        '{"epoch": 3, "name": "ca1", "at": 1, "reason": "x", "kind": "takeover"}',
+        '{"epoch": 3, "name": "ca1", "at": 1, "reason": "x", "ended": "maybe"}',
+        '{"epoch": 3, "name": "ca1", "at": 1e999, "reason": "x"}',
+        '{"epoch": 3, "name": "ca1", "reason": "x"}',
+    ],
+)
+def test_unusable_epoch_record_is_refused_with_a_record_error(raw: str) -> None:
+    with pytest.raises(RecordError):
+        decode_epoch_record(raw, MEMBERS)
 
 
 def test_member_record_must_sit_under_its_own_name_and_be_a_member() -> None:
@@ -114,11 +153,9 @@ def test_crl_block_keeps_line_order_and_refuses_non_string_lines() -> None:
 
 def test_unreadable_pause_flag_still_pauses_and_bad_switchover_is_dropped() -> None:
     problems: list[str] = []
-    req = SwitchoverRequest("ca2", "failover", 3.0, "admin")
+    req = SwitchoverRequest("r1", "ca2", "failover", 3.0, "admin")
     flags = decode_flags(b"garbage", encode_switchover(req).encode(), None, MEMBERS, problems)
-    assert (
-        flags.paused and flags.paused_at == 0.0 and flags.switchover == req and flags.cooldown_ack_at is None
-    )
+    assert flags.paused and flags.paused_at == 0.0 and flags.switchover == req and flags.cooldown_ack_at is None
     assert len(problems) == 1 and problems[0].startswith(KEY_PAUSED)
     problems.clear()
     bad = json.dumps({"target": "ca2", "kind": "takeover", "requested_at": 1, "requested_by": "x"})

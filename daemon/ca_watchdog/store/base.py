@@ -4,11 +4,13 @@ Both backends keep the same keys (relative to a prefix) with the same JSON value
 below is shared and the contract tests run unchanged against both:
 
     leader              {"name", "epoch", "acquired_at", "renewed_at", "reason"}   with a TTL
-    epoch               {"epoch", "name", "at", "reason"}                          no TTL, never goes back
+    epoch               the epoch record (EpochRecord), written in the same transaction as every
+                        acquisition and release of the key; no TTL, never goes back
+    cooldown            {"name", "epoch", "at"}  with a TTL of failover_cooldown: present = cooldown on
     members/<name>      {"name", "payload", "updated_at"}                          with a TTL
     crl                 {"name", "epoch", "lines", "updated_at"}
     flags/paused        {"at"}
-    flags/switchover    {"target", "kind", "requested_at", "requested_by"}
+    flags/switchover    {"id", "target", "kind", "requested_at", "requested_by"}
     flags/cooldown_ack  {"at"}
     steps/<name>        the caller's JSON object
     history             {"at", "event"}  (sqlite: a table; etcd: history/<time_ns> keys)
@@ -26,13 +28,18 @@ import logging
 import math
 import time
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Literal, Self
 
 log = logging.getLogger(__name__)
 
 SwitchoverKind = Literal["switchover", "failover"]
+# how a holder got the key: an election, an operator's switchover or failover, bootstrap, or taking its
+# own expired lease back while its CA kept serving (resume)
+ACQUIRE_KINDS = ("automatic", "switchover", "failover", "bootstrap", "resume")
+ENDED_RELEASED = "released"  # the holder deleted the key itself, its CA confirmed stopped
+ENDED_EXPIRED = "expired"  # the lease ran out (only ever inferred by the next acquirer or a reader)
 SWITCHOVER_KINDS: tuple[SwitchoverKind, ...] = ("switchover", "failover")
 
 KEY_LEADER = "leader"
@@ -41,6 +48,7 @@ KEY_CRL = "crl"
 KEY_PAUSED = "flags/paused"
 KEY_SWITCHOVER = "flags/switchover"
 KEY_COOLDOWN_ACK = "flags/cooldown_ack"
+KEY_COOLDOWN = "cooldown"
 MEMBERS_DIR = "members/"
 STEPS_DIR = "steps/"
 HISTORY_DIR = "history/"
@@ -59,6 +67,36 @@ class LeaderRecord:
     renewed_at: float
     expires_at: float  # local wall-clock estimate; the store decides expiry, never this field
     reason: str
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """The last epoch handed out and how it went: who got the key, how, and how it ended.
+
+    Decisions read "who was master and did it step down cleanly" from here, never from history.
+    """
+
+    epoch: int
+    name: str
+    kind: str  # one of ACQUIRE_KINDS
+    acquired_at: float  # store time
+    reason: str
+    ended: str | None = None  # None while held (or once expired: the key is gone, nobody wrote it); "released"
+    ended_at: float | None = None
+    ended_reason: str | None = None
+    target: str | None = None  # whom a release handed over to
+    previous: str | None = None  # the holder of epoch - 1
+    previous_ended: str | None = None  # "released" | "expired" | None (no previous holder)
+
+
+@dataclass(frozen=True)
+class Cooldown:
+    """The last completed automatic failover; the key lives failover_cooldown seconds in the store."""
+
+    name: str
+    epoch: int
+    at: float
+    expires_at: float
 
 
 @dataclass(frozen=True)
@@ -84,6 +122,7 @@ class CRLBlock:
 
 @dataclass(frozen=True)
 class SwitchoverRequest:
+    id: str  # clearing names the request, so an old request can never delete a newer one
     target: str
     kind: SwitchoverKind
     requested_at: float
@@ -103,6 +142,19 @@ class HistoryEvent:
     seq: int  # grows with every append (sqlite: 1, 2, 3...; etcd: the key's create revision)
     at: float
     event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StoreState:
+    """Every store fact one cycle's decision reads, read together (one transaction where possible)."""
+
+    leader: LeaderRecord | None
+    epoch: EpochRecord | None
+    epoch_unreadable: bool  # an epoch key exists but cannot be read: never treated as an empty store
+    members: MembersSnapshot
+    flags: Flags
+    cooldown: Cooldown | None
+    problems: tuple[str, ...]
 
 
 class RecordError(ValueError):
@@ -157,9 +209,7 @@ def _member_name(d: Mapping[str, Any], k: str, members: Collection[str]) -> str:
 
 
 def encode_leader(name: str, epoch: int, acquired_at: float, renewed_at: float, reason: str) -> str:
-    return dumps(
-        {"name": name, "epoch": epoch, "acquired_at": acquired_at, "renewed_at": renewed_at, "reason": reason}
-    )
+    return dumps({"name": name, "epoch": epoch, "acquired_at": acquired_at, "renewed_at": renewed_at, "reason": reason})
 
 
 def decode_leader(raw: str | bytes, members: Collection[str], expires_at: float) -> LeaderRecord:
@@ -174,8 +224,80 @@ def decode_leader(raw: str | bytes, members: Collection[str], expires_at: float)
     )
 
 
-def encode_epoch(epoch: int, name: str, at: float, reason: str) -> str:
-    return dumps({"epoch": epoch, "name": name, "at": at, "reason": reason})
+def encode_epoch_record(r: EpochRecord) -> str:
+    return dumps(
+        {
+            "epoch": r.epoch,
+            "name": r.name,
+            "kind": r.kind,
+            "at": r.acquired_at,
+            "reason": r.reason,
+            "ended": r.ended,
+            "ended_at": r.ended_at,
+            "ended_reason": r.ended_reason,
+            "target": r.target,
+            "previous": r.previous,
+            "previous_ended": r.previous_ended,
+        }
+    )
+
+
+def _opt_str(d: Mapping[str, Any], k: str) -> str | None:
+    v = d.get(k)
+    if v is not None and not isinstance(v, str):
+        raise RecordError(f"{k!r} must be a string or null, not {v!r}")
+    return v
+
+
+def decode_epoch_record(raw: str | bytes, members: Collection[str]) -> EpochRecord:
+    d = _obj(raw)
+    kind = d.get("kind", "automatic")
+    if kind not in ACQUIRE_KINDS:
+        raise RecordError(f"'kind' must be one of {', '.join(ACQUIRE_KINDS)}, not {kind!r}")
+    ended = _opt_str(d, "ended")
+    reason = _str(d, "reason")
+    if "ended" not in d and reason.startswith("released: "):  # the first version's release marker
+        ended = ENDED_RELEASED
+    if ended not in (None, ENDED_RELEASED):
+        raise RecordError(f"'ended' must be null or {ENDED_RELEASED!r}, not {ended!r}")
+    previous_ended = _opt_str(d, "previous_ended")
+    if previous_ended not in (None, ENDED_RELEASED, ENDED_EXPIRED):
+        raise RecordError(f"'previous_ended' must be null, released or expired, not {previous_ended!r}")
+    ended_at = d.get("ended_at")
+    previous = _opt_str(d, "previous")
+    target = _opt_str(d, "target")
+    return EpochRecord(
+        epoch=_int(d, "epoch", 1),
+        name=_member_name(d, "name", members),
+        kind=kind,
+        acquired_at=_num(d, "at"),
+        reason=reason,
+        ended=ended,
+        ended_at=None if ended_at is None else _num(d, "ended_at"),
+        ended_reason=_opt_str(d, "ended_reason"),
+        target=target if target in members else None,
+        previous=previous if previous in members else None,
+        previous_ended=previous_ended,
+    )
+
+
+def acquired_record(last: EpochRecord | None, name: str, now: float, reason: str, kind: str) -> EpochRecord:
+    """The epoch record an acquisition writes, given the one it replaces (in the same transaction)."""
+    if kind not in ACQUIRE_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(ACQUIRE_KINDS)}, not {kind!r}")
+    return EpochRecord(
+        epoch=(last.epoch if last else 0) + 1,
+        name=name,
+        kind=kind,
+        acquired_at=now,
+        reason=reason,
+        previous=last.name if last else None,
+        previous_ended=(last.ended or ENDED_EXPIRED) if last else None,
+    )
+
+
+def released_record(cur: EpochRecord, now: float, reason: str, target: str | None) -> EpochRecord:
+    return replace(cur, ended=ENDED_RELEASED, ended_at=now, ended_reason=reason, target=target)
 
 
 def decode_epoch(raw: str | bytes | None) -> int:
@@ -183,6 +305,17 @@ def decode_epoch(raw: str | bytes | None) -> int:
     if raw is None:
         return 0
     return _int(_obj(raw), "epoch", 0)
+
+
+def encode_cooldown(name: str, epoch: int, at: float) -> str:
+    return dumps({"name": name, "epoch": epoch, "at": at})
+
+
+def decode_cooldown(raw: str | bytes, members: Collection[str], expires_at: float) -> Cooldown:
+    d = _obj(raw)
+    return Cooldown(
+        name=_member_name(d, "name", members), epoch=_int(d, "epoch", 1), at=_num(d, "at"), expires_at=expires_at
+    )
 
 
 def encode_member(name: str, payload: Mapping[str, Any], updated_at: float) -> str:
@@ -232,6 +365,7 @@ def decode_at(raw: str | bytes) -> float:
 def encode_switchover(req: SwitchoverRequest) -> str:
     return dumps(
         {
+            "id": req.id,
             "target": req.target,
             "kind": req.kind,
             "requested_at": req.requested_at,
@@ -245,6 +379,7 @@ def decode_switchover(raw: str | bytes, members: Collection[str]) -> SwitchoverR
     kind = d.get("kind")
     if kind == "switchover" or kind == "failover":
         return SwitchoverRequest(
+            id=_str(d, "id") if "id" in d else "",
             target=_member_name(d, "target", members),
             kind=kind,
             requested_at=_num(d, "requested_at"),
@@ -336,20 +471,41 @@ class Store(abc.ABC):
         """The live, valid leader record, or None (no key, expired, or unusable: see last_problems())."""
 
     @abc.abstractmethod
-    async def acquire_leader(self, name: str, ttl: float, reason: str) -> LeaderRecord | None:
-        """Take the key if no live key exists (valid or not); epoch = last epoch + 1. None: lost."""
+    async def acquire_leader(
+        self, name: str, ttl: float, reason: str, kind: str = "automatic", expect_epoch: int | None = None
+    ) -> LeaderRecord | None:
+        """Take the key if no live key exists (valid or not), and, with `expect_epoch`, only if the
+        last epoch handed out is that one; epoch = last epoch + 1. The epoch record (how, and how the
+        previous holder ended) is written in the same transaction. None: lost."""
 
     @abc.abstractmethod
     async def renew_leader(self, name: str, epoch: int, ttl: float) -> LeaderRecord | None:
         """Extend the key's TTL if `name` holds it with `epoch`; None if not (any more)."""
 
     @abc.abstractmethod
-    async def release_leader(self, name: str, epoch: int, reason: str) -> bool:
-        """Delete the key at once if `name` holds it with `epoch`; the epoch is kept."""
+    async def release_leader(self, name: str, epoch: int, reason: str, target: str | None = None) -> bool:
+        """Delete the key at once if `name` holds it with `epoch`, and mark the epoch record released
+        (same transaction); the epoch is kept. False: not the holder (any more)."""
 
     @abc.abstractmethod
+    async def get_epoch_record(self) -> EpochRecord | None:
+        """The last epoch handed out and how it went; None on an empty store. Unreadable: RecordError."""
+
     async def get_epoch(self) -> int:
         """The last epoch handed out (0 on an empty store), whether or not the key is held now."""
+        try:
+            rec = await self.get_epoch_record()
+        except RecordError as exc:
+            raise StoreUnavailable(f"{KEY_EPOCH} record unreadable: {exc}") from None
+        return rec.epoch if rec else 0
+
+    # -- the anti-flapping cooldown
+    @abc.abstractmethod
+    async def start_cooldown(self, name: str, epoch: int, ttl: float) -> bool:
+        """A completed automatic failover: the cooldown key for `ttl` s, only while `name` holds `epoch`."""
+
+    @abc.abstractmethod
+    async def get_cooldown(self) -> Cooldown | None: ...
 
     # -- members
     @abc.abstractmethod
@@ -375,17 +531,36 @@ class Store(abc.ABC):
         """Pause keeps the first pause time; resume clears it."""
 
     @abc.abstractmethod
-    async def request_switchover(
-        self, target: str, kind: SwitchoverKind, requested_by: str
-    ) -> SwitchoverRequest:
+    async def request_switchover(self, target: str, kind: SwitchoverKind, requested_by: str) -> SwitchoverRequest:
         """Replaces any pending request."""
 
     @abc.abstractmethod
-    async def clear_switchover(self) -> None: ...
+    async def clear_switchover(self, request_id: str | None = None) -> None:
+        """Delete the pending request; with `request_id`, only that request (never a newer one)."""
 
     @abc.abstractmethod
     async def ack_cooldown(self) -> float:
-        """Record an operator's acknowledgement of the last failover; returns its time."""
+        """An operator's acknowledgement of the last failover: ends the cooldown; returns its time."""
+
+    async def read_state(self) -> StoreState:
+        """Every fact a decision reads. Backends override this with one consistent read."""
+        problems: list[str] = []
+        leader = await self.get_leader()
+        problems.extend(self.last_problems())
+        epoch: EpochRecord | None = None
+        unreadable = False
+        try:
+            epoch = await self.get_epoch_record()
+        except RecordError as exc:
+            unreadable = True
+            problems.append(f"{KEY_EPOCH}: unreadable ({exc}); no bootstrap and no election until repaired")
+        members = await self.get_members()
+        problems.extend(members.rejected)
+        flags = await self.get_flags()
+        problems.extend(self.last_problems())
+        cooldown = await self.get_cooldown()
+        problems.extend(self.last_problems())
+        return StoreState(leader, epoch, unreadable, members, flags, cooldown, tuple(problems))
 
     # -- history
     @abc.abstractmethod

@@ -21,8 +21,9 @@ import json
 import logging
 import ssl
 import time
+import uuid
 from collections.abc import Collection, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import aiohttp
@@ -31,6 +32,7 @@ from ..config import EtcdSettings, read_secret
 from .base import (
     HISTORY_DIR,
     HISTORY_KEEP,
+    KEY_COOLDOWN,
     KEY_COOLDOWN_ACK,
     KEY_CRL,
     KEY_EPOCH,
@@ -39,7 +41,9 @@ from .base import (
     KEY_SWITCHOVER,
     MEMBERS_DIR,
     STEPS_DIR,
+    Cooldown,
     CRLBlock,
+    EpochRecord,
     Flags,
     HistoryEvent,
     LeaderRecord,
@@ -47,24 +51,30 @@ from .base import (
     MembersSnapshot,
     RecordError,
     Store,
+    StoreState,
     StoreUnavailable,
     SwitchoverKind,
     SwitchoverRequest,
+    acquired_record,
+    decode_cooldown,
     decode_crl,
-    decode_epoch,
+    decode_epoch_record,
     decode_flags,
     decode_history,
     decode_leader,
     decode_member,
     decode_step,
+    decode_switchover,
     dumps,
     encode_at,
+    encode_cooldown,
     encode_crl,
-    encode_epoch,
+    encode_epoch_record,
     encode_history,
     encode_leader,
     encode_member,
     encode_switchover,
+    released_record,
     ttl_seconds,
 )
 
@@ -346,11 +356,20 @@ class EtcdStore(Store):
         self._report(problems)
         return rec
 
-    async def acquire_leader(self, name: str, ttl: float, reason: str) -> LeaderRecord | None:
+    async def acquire_leader(
+        self, name: str, ttl: float, reason: str, kind: str = "automatic", expect_epoch: int | None = None
+    ) -> LeaderRecord | None:
         self._check_member(name)
-        return await self._op(self._acquire(name, ttl_seconds(ttl), reason))
+        acquired_record(None, name, 0.0, reason, kind)  # a bad kind raises before any I/O
+        return await self._op(self._acquire(name, ttl_seconds(ttl), reason, kind, expect_epoch))
 
-    async def _acquire(self, name: str, ttl: int, reason: str) -> LeaderRecord | None:
+    def _epoch_from(self, kv: KV | None) -> EpochRecord | None:
+        """Raises RecordError on an unreadable record."""
+        return None if kv is None else decode_epoch_record(kv.value, self.members)
+
+    async def _acquire(
+        self, name: str, ttl: int, reason: str, kind: str, expect_epoch: int | None
+    ) -> LeaderRecord | None:
         problems: list[str] = []
         t0 = time.time()
         lease, granted = await self._grant(ttl)
@@ -358,11 +377,15 @@ class EtcdStore(Store):
             for _ in range(ACQUIRE_ROUNDS):
                 ekv = await self._get1(KEY_EPOCH)
                 try:
-                    last = decode_epoch(None if ekv is None else ekv.value)
+                    last = self._epoch_from(ekv)
                 except RecordError as exc:
                     problems.append(f"{KEY_EPOCH}: unreadable ({exc}): refusing to hand out an epoch")
                     break
-                epoch, now = last + 1, time.time()
+                if expect_epoch is not None and (last.epoch if last else 0) != expect_epoch:
+                    break
+                now = time.time()
+                new = acquired_record(last, name, now, reason, kind)
+                epoch = new.epoch
                 ok, r = await self._txn(
                     [
                         self._cmp(KEY_LEADER, "CREATE", 0),
@@ -370,7 +393,7 @@ class EtcdStore(Store):
                     ],
                     [
                         self._put_op(KEY_LEADER, encode_leader(name, epoch, now, now, reason), lease),
-                        self._put_op(KEY_EPOCH, encode_epoch(epoch, name, now, reason)),
+                        self._put_op(KEY_EPOCH, encode_epoch_record(new)),
                     ],
                     [{"request_range": {"key": b64(self._k(KEY_LEADER))}}],
                 )
@@ -419,33 +442,119 @@ class EtcdStore(Store):
             left = granted
         return LeaderRecord(name, epoch, cur.acquired_at, t0, t0 + left, cur.reason)
 
-    async def release_leader(self, name: str, epoch: int, reason: str) -> bool:
-        return await self._op(self._release(name, epoch, reason))
+    async def release_leader(self, name: str, epoch: int, reason: str, target: str | None = None) -> bool:
+        return await self._op(self._release(name, epoch, reason, target))
 
-    async def _release(self, name: str, epoch: int, reason: str) -> bool:
+    async def _release(self, name: str, epoch: int, reason: str, target: str | None) -> bool:
         kv = await self._get1(KEY_LEADER)
         cur = self._leader_from(kv, 0.0, [])
         if kv is None or cur is None or cur.name != name or cur.epoch != epoch:
             return False
+        ekv = await self._get1(KEY_EPOCH)
+        try:
+            last = self._epoch_from(ekv)
+        except RecordError:
+            last = None
+        ops = [self._del_op(KEY_LEADER)]
+        if last is not None and last.epoch == epoch:
+            ops.append(self._put_op(KEY_EPOCH, encode_epoch_record(released_record(last, time.time(), reason, target))))
         ok, _ = await self._txn(
-            [self._cmp(KEY_LEADER, "MOD", kv.mod_revision)],
             [
-                self._del_op(KEY_LEADER),
-                self._put_op(KEY_EPOCH, encode_epoch(epoch, name, time.time(), f"released: {reason}")),
+                self._cmp(KEY_LEADER, "MOD", kv.mod_revision),
+                self._cmp(KEY_EPOCH, "MOD", ekv.mod_revision if ekv else 0),
             ],
+            ops,
         )
         if ok:
             self._revoke_later(kv.lease)
         return ok
 
-    async def get_epoch(self) -> int:
-        kv = await self._op(self._get1(KEY_EPOCH))
+    async def get_epoch_record(self) -> EpochRecord | None:
+        return self._epoch_from(await self._op(self._get1(KEY_EPOCH)))
+
+    # ---- cooldown ------------------------------------------------------------------------------
+
+    async def start_cooldown(self, name: str, epoch: int, ttl: float) -> bool:
+        return await self._op(self._start_cooldown(name, epoch, ttl_seconds(ttl)))
+
+    async def _start_cooldown(self, name: str, epoch: int, ttl: int) -> bool:
+        kv = await self._get1(KEY_LEADER)
+        cur = self._leader_from(kv, 0.0, [])
+        if kv is None or cur is None or cur.name != name or cur.epoch != epoch:
+            return False
+        lease, _ = await self._grant(ttl)
+        ok, _ = await self._txn(
+            [self._cmp(KEY_LEADER, "MOD", kv.mod_revision)],
+            [self._put_op(KEY_COOLDOWN, encode_cooldown(name, epoch, time.time()), lease)],
+        )
+        if not ok:
+            self._revoke_later(lease)
+        return ok
+
+    def _cooldown_from(self, kv: KV | None, problems: list[str]) -> Cooldown | None:
+        if kv is None:
+            return None
+        # the lease decides when it ends; the record's own expiry is for display only
         try:
-            e = decode_epoch(None if kv is None else kv.value)
+            return decode_cooldown(kv.value, self.members, float("inf"))
         except RecordError as exc:
-            raise StoreUnavailable(f"etcd: {KEY_EPOCH} record unreadable: {exc}") from None
-        self._report(())
-        return e
+            problems.append(f"{KEY_COOLDOWN}: unreadable ({exc}); the cooldown counts as on until it expires")
+            return Cooldown("", 0, 0.0, float("inf"))
+
+    async def get_cooldown(self) -> Cooldown | None:
+        problems: list[str] = []
+        cd = self._cooldown_from(await self._op(self._get1(KEY_COOLDOWN)), problems)
+        self._report(problems)
+        return cd
+
+    # ---- everything a cycle reads, in one transaction ----------------------------------------------
+
+    async def read_state(self) -> StoreState:
+        return await self._op(self._read_state())
+
+    async def _read_state(self) -> StoreState:
+        def rng(key: str, prefix: bool = False) -> dict[str, Any]:
+            body: dict[str, Any] = {"key": b64(self._k(key))}
+            if prefix:
+                body["range_end"] = b64(prefix_end(self._k(key)))
+            return {"request_range": body}
+
+        keys = [KEY_LEADER, KEY_EPOCH, KEY_COOLDOWN]
+        ok, r = await self._txn([], [*(rng(k) for k in keys), rng(MEMBERS_DIR, True), rng("flags/", True)])
+        responses = r.get("responses")
+        if not ok or not isinstance(responses, list) or len(responses) != len(keys) + 2:
+            raise StoreUnavailable("etcd: the state read answered something else than five ranges")
+        kvs: list[list[KV]] = []
+        for resp in responses:
+            rr = resp.get("response_range", {}) if isinstance(resp, dict) else {}
+            got = rr.get("kvs", []) if isinstance(rr, dict) else []
+            if not isinstance(got, list):
+                raise StoreUnavailable("etcd: a range answer without a list of keys")
+            kvs.append([self._kv(x) for x in got if isinstance(x, dict)])
+        leader_kvs, epoch_kvs, cooldown_kvs, member_kvs, flag_kvs = kvs
+        self._leader_seen_rev = _i(r.get("header", {}).get("revision"))
+        problems: list[str] = []
+        leader = self._leader_from(leader_kvs[0] if leader_kvs else None, float("inf"), problems)
+        if leader is not None:
+            lease_answer = await self._post("lease/timetolive", {"ID": str(leader_kvs[0].lease)})
+            left = _i(lease_answer.get("TTL"))
+            leader = None if left < 0 else replace(leader, expires_at=time.time() + left)
+        epoch: EpochRecord | None = None
+        unreadable = False
+        try:
+            epoch = self._epoch_from(epoch_kvs[0] if epoch_kvs else None)
+        except RecordError as exc:
+            unreadable = True
+            problems.append(f"{KEY_EPOCH}: unreadable ({exc}); no bootstrap and no election until repaired")
+        cooldown = self._cooldown_from(cooldown_kvs[0] if cooldown_kvs else None, problems)
+        members = self._members_from(member_kvs)
+        problems.extend(members.rejected)
+        by_key = {kv.key: kv.value for kv in flag_kvs}
+        flags = decode_flags(
+            by_key.get(KEY_PAUSED), by_key.get(KEY_SWITCHOVER), by_key.get(KEY_COOLDOWN_ACK), self.members, problems
+        )
+        self._report(problems)
+        return StoreState(leader, epoch, unreadable, members, flags, cooldown, tuple(problems))
 
     # ---- members -------------------------------------------------------------------------------
 
@@ -479,6 +588,11 @@ class EtcdStore(Store):
 
     async def get_members(self) -> MembersSnapshot:
         _, kvs = await self._op(self._range(MEMBERS_DIR, prefix=True))
+        snap = self._members_from(kvs)
+        self._report(snap.rejected)
+        return snap
+
+    def _members_from(self, kvs: Sequence[KV]) -> MembersSnapshot:
         records: dict[str, MemberRecord] = {}
         rejected: list[str] = []
         for kv in kvs:
@@ -487,7 +601,6 @@ class EtcdStore(Store):
                 records[name] = decode_member(name, kv.value, self.members)
             except RecordError as exc:
                 rejected.append(f"{kv.key}: ignored: {exc}")
-        self._report(rejected)
         return MembersSnapshot(records=records, rejected=tuple(rejected))
 
     # ---- CRL block -----------------------------------------------------------------------------
@@ -548,18 +661,35 @@ class EtcdStore(Store):
         self._check_member(target, "target")
         if kind not in ("switchover", "failover"):
             raise ValueError(f"kind must be switchover or failover, not {kind!r}")
-        req = SwitchoverRequest(target=target, kind=kind, requested_at=time.time(), requested_by=requested_by)
+        req = SwitchoverRequest(
+            id=uuid.uuid4().hex, target=target, kind=kind, requested_at=time.time(), requested_by=requested_by
+        )
         await self._op(
             self._post("kv/put", {"key": b64(self._k(KEY_SWITCHOVER)), "value": b64(encode_switchover(req))})
         )
         return req
 
-    async def clear_switchover(self) -> None:
-        await self._op(self._post("kv/deleterange", {"key": b64(self._k(KEY_SWITCHOVER))}))
+    async def clear_switchover(self, request_id: str | None = None) -> None:
+        await self._op(self._clear_switchover(request_id))
+
+    async def _clear_switchover(self, request_id: str | None) -> None:
+        if request_id is None:
+            await self._post("kv/deleterange", {"key": b64(self._k(KEY_SWITCHOVER))})
+            return
+        kv = await self._get1(KEY_SWITCHOVER)
+        if kv is None:
+            return
+        try:
+            current_id: str | None = decode_switchover(kv.value, self.members).id
+        except RecordError:
+            current_id = None  # unreadable: nobody can honour it, clearing it is safe
+        if current_id is not None and current_id != request_id:
+            return  # a newer request replaced the one being cleared
+        await self._txn([self._cmp(KEY_SWITCHOVER, "MOD", kv.mod_revision)], [self._del_op(KEY_SWITCHOVER)])
 
     async def ack_cooldown(self) -> float:
         now = time.time()
-        await self._op(self._post("kv/put", {"key": b64(self._k(KEY_COOLDOWN_ACK)), "value": b64(encode_at(now))}))
+        await self._op(self._txn([], [self._put_op(KEY_COOLDOWN_ACK, encode_at(now)), self._del_op(KEY_COOLDOWN)]))
         return now
 
     # ---- history -------------------------------------------------------------------------------

@@ -14,11 +14,13 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .base import (
     HISTORY_KEEP,
+    KEY_COOLDOWN,
     KEY_COOLDOWN_ACK,
     KEY_CRL,
     KEY_EPOCH,
@@ -27,7 +29,9 @@ from .base import (
     KEY_SWITCHOVER,
     MEMBERS_DIR,
     STEPS_DIR,
+    Cooldown,
     CRLBlock,
+    EpochRecord,
     Flags,
     HistoryEvent,
     LeaderRecord,
@@ -35,24 +39,30 @@ from .base import (
     MembersSnapshot,
     RecordError,
     Store,
+    StoreState,
     StoreUnavailable,
     SwitchoverKind,
     SwitchoverRequest,
+    acquired_record,
+    decode_cooldown,
     decode_crl,
-    decode_epoch,
+    decode_epoch_record,
     decode_flags,
     decode_history,
     decode_leader,
     decode_member,
     decode_step,
+    decode_switchover,
     dumps,
     encode_at,
+    encode_cooldown,
     encode_crl,
-    encode_epoch,
+    encode_epoch_record,
     encode_history,
     encode_leader,
     encode_member,
     encode_switchover,
+    released_record,
 )
 
 T = TypeVar("T")
@@ -172,18 +182,14 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _put(c: sqlite3.Connection, key: str, value: str, expires_at: float | None = None) -> None:
-        c.execute(
-            "INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)", (key, value, expires_at)
-        )
+        c.execute("INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)", (key, value, expires_at))
 
     def _leader(self, row: Row | None, problems: list[str]) -> LeaderRecord | None:
         if row is None:
             return None
         value, expires_at = row
         if expires_at is None:
-            problems.append(
-                f"{KEY_LEADER}: ignored: the key has no expiry (written by hand?); it blocks elections"
-            )
+            problems.append(f"{KEY_LEADER}: ignored: the key has no expiry (written by hand?); it blocks elections")
             return None
         try:
             return decode_leader(value, self.members, expires_at)
@@ -201,7 +207,14 @@ class SQLiteStore(Store):
         self._report(problems)
         return rec
 
-    async def acquire_leader(self, name: str, ttl: float, reason: str) -> LeaderRecord | None:
+    def _epoch_record(self, c: sqlite3.Connection, now: float) -> EpochRecord | None:
+        """Raises RecordError on an unreadable record."""
+        row = self._get(c, KEY_EPOCH, now)
+        return None if row is None else decode_epoch_record(row[0], self.members)
+
+    async def acquire_leader(
+        self, name: str, ttl: float, reason: str, kind: str = "automatic", expect_epoch: int | None = None
+    ) -> LeaderRecord | None:
         self._check_member(name)
         if not ttl > 0:
             raise ValueError(f"ttl must be > 0, not {ttl!r}")
@@ -210,16 +223,17 @@ class SQLiteStore(Store):
         def op(c: sqlite3.Connection, now: float) -> LeaderRecord | None:
             if self._get(c, KEY_LEADER, now) is not None:
                 return None  # live key, valid or not: the CAS is on the key
-            row = c.execute("SELECT value FROM kv WHERE key = ?", (KEY_EPOCH,)).fetchone()
             try:
-                last = decode_epoch(None if row is None else str(row[0]))
+                last = self._epoch_record(c, now)
             except RecordError as exc:
                 problems.append(f"{KEY_EPOCH}: unreadable ({exc}): refusing to hand out an epoch")
                 return None
-            epoch = last + 1
-            self._put(c, KEY_LEADER, encode_leader(name, epoch, now, now, reason), now + ttl)
-            self._put(c, KEY_EPOCH, encode_epoch(epoch, name, now, reason))
-            return LeaderRecord(name, epoch, now, now, now + ttl, reason)
+            if expect_epoch is not None and (last.epoch if last else 0) != expect_epoch:
+                return None
+            rec = acquired_record(last, name, now, reason, kind)
+            self._put(c, KEY_LEADER, encode_leader(name, rec.epoch, now, now, reason), now + ttl)
+            self._put(c, KEY_EPOCH, encode_epoch_record(rec))
+            return LeaderRecord(name, rec.epoch, now, now, now + ttl, reason)
 
         rec = await self._run(self._write(op))
         self._report(problems)
@@ -239,26 +253,85 @@ class SQLiteStore(Store):
 
         return await self._run(self._write(op))
 
-    async def release_leader(self, name: str, epoch: int, reason: str) -> bool:
+    async def release_leader(self, name: str, epoch: int, reason: str, target: str | None = None) -> bool:
         def op(c: sqlite3.Connection, now: float) -> bool:
             cur = self._leader(self._get(c, KEY_LEADER, now), [])
             if cur is None or cur.name != name or cur.epoch != epoch:
                 return False
             c.execute("DELETE FROM kv WHERE key = ?", (KEY_LEADER,))
-            # keep the epoch, remember why the key was given up
-            self._put(c, KEY_EPOCH, encode_epoch(epoch, name, now, f"released: {reason}"))
+            # keep the epoch; record that its holder stepped down itself
+            try:
+                last = self._epoch_record(c, now)
+            except RecordError:
+                last = None
+            if last is not None and last.epoch == epoch:
+                self._put(c, KEY_EPOCH, encode_epoch_record(released_record(last, now, reason, target)))
             return True
 
         return await self._run(self._write(op))
 
-    async def get_epoch(self) -> int:
-        row = await self._run(self._read(lambda c, now: self._get(c, KEY_EPOCH, now)))
+    async def get_epoch_record(self) -> EpochRecord | None:
+        return await self._run(self._read(self._epoch_record))
+
+    # ---- cooldown ------------------------------------------------------------------------------
+
+    async def start_cooldown(self, name: str, epoch: int, ttl: float) -> bool:
+        if not ttl > 0:
+            raise ValueError(f"ttl must be > 0, not {ttl!r}")
+
+        def op(c: sqlite3.Connection, now: float) -> bool:
+            cur = self._leader(self._get(c, KEY_LEADER, now), [])
+            if cur is None or cur.name != name or cur.epoch != epoch:
+                return False
+            self._put(c, KEY_COOLDOWN, encode_cooldown(name, epoch, now), now + ttl)
+            return True
+
+        return await self._run(self._write(op))
+
+    def _cooldown(self, c: sqlite3.Connection, now: float, problems: list[str]) -> Cooldown | None:
+        row = self._get(c, KEY_COOLDOWN, now)
+        if row is None:
+            return None
         try:
-            e = decode_epoch(None if row is None else row[0])
+            return decode_cooldown(row[0], self.members, row[1] if row[1] is not None else float("inf"))
         except RecordError as exc:
-            raise StoreUnavailable(f"sqlite {self.path}: {KEY_EPOCH} record unreadable: {exc}") from None
-        self._report(())
-        return e
+            # an unreadable cooldown still says a failover happened: keep the anti-flapping rule
+            problems.append(f"{KEY_COOLDOWN}: unreadable ({exc}); the cooldown counts as on until it expires")
+            return Cooldown("", 0, now, row[1] if row[1] is not None else float("inf"))
+
+    async def get_cooldown(self) -> Cooldown | None:
+        problems: list[str] = []
+        cd = await self._run(self._read(lambda c, now: self._cooldown(c, now, problems)))
+        self._report(problems)
+        return cd
+
+    # ---- everything a cycle reads, in one snapshot ------------------------------------------------
+
+    async def read_state(self) -> StoreState:
+        problems: list[str] = []
+
+        def op(c: sqlite3.Connection, now: float) -> tuple[StoreState, object]:
+            row = self._get(c, KEY_LEADER, now)
+            leader = self._leader(row, problems)
+            epoch: EpochRecord | None = None
+            unreadable = False
+            try:
+                epoch = self._epoch_record(c, now)
+            except RecordError as exc:
+                unreadable = True
+                problems.append(f"{KEY_EPOCH}: unreadable ({exc}); no bootstrap and no election until repaired")
+            members = self._members(c, now)
+            problems.extend(members.rejected)
+            flags = self._flags(c, now, problems)
+            cooldown = self._cooldown(c, now, problems)
+            return StoreState(leader, epoch, unreadable, members, flags, cooldown, ()), leader_identity(
+                None if row is None else row[0]
+            )
+
+        st, ident = await self._run(self._read(op))
+        self._leader_seen, self._leader_seen_set = ident, True
+        self._report(problems)
+        return StoreState(st.leader, st.epoch, st.epoch_unreadable, st.members, st.flags, st.cooldown, tuple(problems))
 
     # ---- members -------------------------------------------------------------------------------
 
@@ -275,20 +348,22 @@ class SQLiteStore(Store):
 
         await self._run(self._write(op))
 
-    async def get_members(self) -> MembersSnapshot:
-        def op(c: sqlite3.Connection, now: float) -> list[tuple[str, str]]:
-            q = f"SELECT key, value FROM kv WHERE key >= ? AND key < ? AND {_LIVE} ORDER BY key"
-            return [(str(k), str(v)) for k, v in c.execute(q, (MEMBERS_DIR, MEMBERS_DIR[:-1] + "0", now))]
-
+    def _members(self, c: sqlite3.Connection, now: float) -> MembersSnapshot:
+        q = f"SELECT key, value FROM kv WHERE key >= ? AND key < ? AND {_LIVE} ORDER BY key"
+        rows = [(str(k), str(v)) for k, v in c.execute(q, (MEMBERS_DIR, MEMBERS_DIR[:-1] + "0", now))]
         records: dict[str, MemberRecord] = {}
         rejected: list[str] = []
-        for key, value in await self._run(self._read(op)):
+        for key, value in rows:
             try:
                 records[key[len(MEMBERS_DIR) :]] = decode_member(key[len(MEMBERS_DIR) :], value, self.members)
             except RecordError as exc:
                 rejected.append(f"{key}: ignored: {exc}")
-        self._report(rejected)
         return MembersSnapshot(records=records, rejected=tuple(rejected))
+
+    async def get_members(self) -> MembersSnapshot:
+        snap = await self._run(self._read(self._members))
+        self._report(snap.rejected)
+        return snap
 
     # ---- CRL block -----------------------------------------------------------------------------
 
@@ -317,16 +392,16 @@ class SQLiteStore(Store):
 
     # ---- flags ---------------------------------------------------------------------------------
 
-    async def get_flags(self) -> Flags:
-        def op(c: sqlite3.Connection, now: float) -> list[str | None]:
-            return [
-                None if (r := self._get(c, k, now)) is None else r[0]
-                for k in (KEY_PAUSED, KEY_SWITCHOVER, KEY_COOLDOWN_ACK)
-            ]
+    def _flags(self, c: sqlite3.Connection, now: float, problems: list[str]) -> Flags:
+        paused, switchover, ack = (
+            None if (r := self._get(c, k, now)) is None else r[0]
+            for k in (KEY_PAUSED, KEY_SWITCHOVER, KEY_COOLDOWN_ACK)
+        )
+        return decode_flags(paused, switchover, ack, self.members, problems)
 
-        paused, switchover, ack = await self._run(self._read(op))
+    async def get_flags(self) -> Flags:
         problems: list[str] = []
-        flags = decode_flags(paused, switchover, ack, self.members, problems)
+        flags = await self._run(self._read(lambda c, now: self._flags(c, now, problems)))
         self._report(problems)
         return flags
 
@@ -343,22 +418,30 @@ class SQLiteStore(Store):
 
         await self._run(self._write(op))
 
-    async def request_switchover(
-        self, target: str, kind: SwitchoverKind, requested_by: str
-    ) -> SwitchoverRequest:
+    async def request_switchover(self, target: str, kind: SwitchoverKind, requested_by: str) -> SwitchoverRequest:
         self._check_member(target, "target")
         if kind not in ("switchover", "failover"):
             raise ValueError(f"kind must be switchover or failover, not {kind!r}")
 
         def op(c: sqlite3.Connection, now: float) -> SwitchoverRequest:
-            req = SwitchoverRequest(target=target, kind=kind, requested_at=now, requested_by=requested_by)
+            req = SwitchoverRequest(
+                id=uuid.uuid4().hex, target=target, kind=kind, requested_at=now, requested_by=requested_by
+            )
             self._put(c, KEY_SWITCHOVER, encode_switchover(req))
             return req
 
         return await self._run(self._write(op))
 
-    async def clear_switchover(self) -> None:
+    async def clear_switchover(self, request_id: str | None = None) -> None:
         def op(c: sqlite3.Connection, now: float) -> None:
+            if request_id is not None:
+                row = self._get(c, KEY_SWITCHOVER, now)
+                try:
+                    current = None if row is None else decode_switchover(row[0], self.members)
+                except RecordError:
+                    current = None  # unreadable: nobody can honour it, clearing it is safe
+                if current is not None and current.id != request_id:
+                    return  # a newer request replaced the one being cleared
             c.execute("DELETE FROM kv WHERE key = ?", (KEY_SWITCHOVER,))
 
         await self._run(self._write(op))
@@ -366,6 +449,7 @@ class SQLiteStore(Store):
     async def ack_cooldown(self) -> float:
         def op(c: sqlite3.Connection, now: float) -> float:
             self._put(c, KEY_COOLDOWN_ACK, encode_at(now))
+            c.execute("DELETE FROM kv WHERE key = ?", (KEY_COOLDOWN,))
             return now
 
         return await self._run(self._write(op))
@@ -438,11 +522,7 @@ class SQLiteStore(Store):
             # data_version moves when another connection commits; our own commits are counted apart
             dv = c.execute("PRAGMA data_version").fetchone()[0]
             now = time.time()
-            if (
-                dv == state["dv"]
-                and self._writes == state["writes"]
-                and now < state.get("expires", float("inf"))
-            ):
+            if dv == state["dv"] and self._writes == state["writes"] and now < state.get("expires", float("inf")):
                 return False, None
             state["dv"], state["writes"] = dv, self._writes
             row = self._get(c, KEY_LEADER, now)
