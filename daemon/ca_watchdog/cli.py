@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_config(sub.add_parser("guard", help="make the local CS.cfg agree with the store before the CA starts"))
     sp.add_argument("instance", nargs="?", help="PKI instance name (from the pki-tomcatd@ unit; informational)")
-    sp.set_defaults(func=_lazy("node", "cli_guard"))
+    sp.set_defaults(func=_lazy("guard", "cli_guard"))
 
     sp = with_config(sub.add_parser("status", help="the cluster as a table"))
     sp.add_argument("--json", action="store_true", help="print JSON")

@@ -44,35 +44,61 @@ def decide(v: ClusterView) -> Decision:
 # ---- store unreachable ------------------------------------------------------------------------------
 
 
+def _serving_as_master(st: MemberState) -> bool:
+    """My CA may be acting as master: its CS.cfg would generate CRLs and it is not down."""
+    duty = st.cscfg_role == MASTER or (st.cscfg_role == INCONSISTENT and st.cscfg_master_duty)
+    return duty and st.ca_status != CA_DOWN
+
+
+def _fence_deadline(v: ClusterView) -> float:
+    # fence one worst-case cycle early: the decision can only come at the end of a cycle
+    return v.policy.ttl - v.policy.safety_margin - v.policy.fence_lead
+
+
 def _without_store(v: ClusterView) -> Decision:
     why = v.store_error or "store unreachable"
-    was_leader = v.memory.previous_leader == v.me and v.memory.seconds_since_renew is not None
-    if not was_leader:
-        return Decision(Action.WAIT, f"{why}; no failover decision without the store")
-    age = v.memory.seconds_since_renew or 0.0
-    # fence one worst-case cycle early: the decision can only come at the end of a cycle
-    deadline = v.policy.ttl - v.policy.safety_margin - v.policy.fence_lead
-    if age < deadline:
+    local = v.local
+    renewed = v.memory.seconds_since_renew
+    duty = local.cscfg_role == MASTER or (local.cscfg_role == INCONSISTENT and local.cscfg_master_duty)
+    # With a lease of mine running out, a master CS.cfg is demoted even with the CA stopped (nothing may
+    # start it as master again); with no lease of mine, only a CA that is up can be acting as master.
+    if not duty or (renewed is None and local.ca_status == CA_DOWN):
+        state = f"CS.cfg {local.cscfg_role}, CA {local.ca_status}"
+        fenced = "self-fenced; " if renewed is not None else ""
         return Decision(
-            Action.WAIT, f"{why}; keeping the master role, lease renewed {age:.1f}s ago (self-fence at {deadline:g}s)"
+            Action.WAIT,
+            f"{why}; {fenced}no failover decision without the store (my CA is not serving as master: {state})",
         )
-    if v.local.cscfg_role == CLONE or (v.local.cscfg_role != MASTER and v.local.ca_status == CA_DOWN):
-        # a clone CS.cfg cannot generate CRLs whatever the CA does (the guard may have started it as one)
-        return Decision(Action.WAIT, f"{why}; self-fenced: CS.cfg is {v.local.cscfg_role}, CA {v.local.ca_status}")
+    # The truth is what my CA serves, not what this process remembers: a lease not renewed in this run
+    # cannot be proven, so it counts from this daemon's own start (it may just have been restarted).
+    age = renewed if renewed is not None else v.memory.uptime
+    deadline = _fence_deadline(v)
+    if age < deadline:
+        kept = (
+            f"lease renewed {age:.1f}s ago"
+            if renewed is not None
+            else f"no lease proven in the {age:.1f}s since my start"
+        )
+        return Decision(Action.WAIT, f"{why}; keeping the master role, {kept} (self-fence at {deadline:g}s)")
+    late = (
+        f"lease not renewed for {age:.1f}s"
+        if renewed is not None
+        else f"no lease proven in the {age:.1f}s since my start"
+    )
     others = sorted(m.name for m in v.members if m.name != v.me)
-    if others and set(others) <= set(v.failsafe_acks):
+    if renewed is not None and others and set(others) <= set(v.failsafe_acks):
         # Patroni's failsafe mode: nobody can reach the store, and every member still follows me
         return Decision(
             Action.WAIT,
             f"{why}; failsafe: every member ({', '.join(others)}) acknowledges me as master over the peer API "
-            f"and cannot reach the store either; keeping the master role (lease not renewed for {age:.1f}s)",
+            f"and cannot reach the store either; keeping the master role ({late})",
         )
     if v.control.paused:
-        return Decision(Action.WAIT, f"paused: {why} and lease not renewed for {age:.1f}s; would self-fence")
+        return Decision(Action.WAIT, f"paused: {why} and {late}; would self-fence")
     missing = [n for n in others if n not in v.failsafe_acks]
     return Decision(
         Action.SELF_FENCE,
-        f"{why}; lease not renewed for {age:.1f}s (>= ttl {v.policy.ttl:g}s - safety margin "
+        f"{why}; {late} (>= ttl {v.policy.ttl:g}s - safety margin "
         f"{v.policy.safety_margin:g}s - one cycle {v.policy.fence_lead:g}s) and no failsafe acknowledgement from "
         f"{', '.join(missing) or 'anyone'}: "
         "stopping the CA and demoting before another master can be elected",
@@ -88,6 +114,17 @@ def _as_leader(v: ClusterView) -> Decision:
     epoch = v.leader.epoch
     local = v.local
     p = v.policy
+    age = v.memory.seconds_since_renew
+    if age is not None and age >= _fence_deadline(v) and _serving_as_master(local):
+        # the store answers reads but not my renewals: its key may end before I see it go
+        if v.control.paused:
+            return Decision(Action.RENEW, f"paused: lease not renewed for {age:.1f}s; would self-fence")
+        return Decision(
+            Action.SELF_FENCE,
+            f"lease not renewed for {age:.1f}s (self-fence point {_fence_deadline(v):g}s) although the store "
+            "answers: stopping the CA and demoting before the key can end",
+            target=_best_guess_successor(v),
+        )
     if v.busy:
         return Decision(Action.RENEW, f"{v.busy} in progress; renewing the lease (epoch {epoch})")
     target = v.control.switchover_target
@@ -97,7 +134,9 @@ def _as_leader(v: ClusterView) -> Decision:
     if target is not None and target != v.me:
         why_not = _switchover_problem(v, target, old_master=v.me)
         if why_not:
-            return Decision(Action.CLEAR_SWITCHOVER, f"{kind} to {target} refused: {why_not}")
+            return Decision(
+                Action.CLEAR_SWITCHOVER, f"{kind} to {target} refused: {why_not}", target=v.control.switchover_id
+            )
         return Decision(
             Action.DEMOTE_AND_RELEASE,
             f"{kind} to {target} requested: stepping down (epoch {epoch})",
@@ -105,12 +144,24 @@ def _as_leader(v: ClusterView) -> Decision:
             kind=kind,
         )
     if target == v.me:
-        return Decision(Action.CLEAR_SWITCHOVER, f"switchover to {v.me} requested but it is already master")
-    if local.cscfg_role in (ROLE_UNREADABLE, INCONSISTENT):
         return Decision(
-            Action.RENEW,
-            f"I hold the key (epoch {epoch}) but CS.cfg is {local.cscfg_role} ({local.cscfg_problem}); "
-            "renewing, not touching the file: repair it",
+            Action.CLEAR_SWITCHOVER,
+            f"switchover to {v.me} requested but it is already master",
+            target=v.control.switchover_id,
+        )
+    if local.cscfg_role in (ROLE_UNREADABLE, INCONSISTENT):
+        bad = f"I hold the key (epoch {epoch}) but CS.cfg is {local.cscfg_role} ({local.cscfg_problem})"
+        if local.ca_status != CA_DOWN or local.ca_down_streak < p.failure_threshold or v.control.paused:
+            return Decision(Action.RENEW, f"{bad}; renewing, not touching the file: repair it")
+        # a CA that cannot be restarted as master (the file is not a master's) must not hold the key forever
+        ranked, rejected = _ranked(v, old_master=v.me)
+        if not ranked:
+            return Decision(Action.RENEW, f"{bad}, CA down and no eligible clone ({_list(rejected)}); keeping the key")
+        return Decision(
+            Action.DEMOTE_AND_RELEASE,
+            f"{bad} and CA down ({local.ca_reason}): stopping it and releasing the key for {ranked[0]} "
+            f"(best of {', '.join(ranked)}); CS.cfg left for repair",
+            target=ranked[0],
         )
     if local.cscfg_role == CLONE:
         if v.control.paused:
@@ -177,9 +228,7 @@ def _as_follower(v: ClusterView) -> Decision:
             target=leader,
         )
     if local.cscfg_role in (ROLE_UNREADABLE, INCONSISTENT):
-        return Decision(
-            Action.WAIT, f"my CS.cfg is {local.cscfg_role} ({local.cscfg_problem}): never elected, file left untouched"
-        )
+        return _bad_cscfg_on_a_non_holder(v, f"{leader} holds the key (epoch {epoch})")
     if local.ca_status == CA_DOWN and local.ca_down_streak >= v.policy.failure_threshold:
         if v.control.paused:
             return Decision(
@@ -201,10 +250,26 @@ def _as_follower(v: ClusterView) -> Decision:
 # ---- nobody holds the key ----------------------------------------------------------------------------------
 
 
+def _bad_cscfg_on_a_non_holder(v: ClusterView, context: str) -> Decision:
+    """An unreadable or inconsistent CS.cfg on a member that does not hold the key: never elected and
+    the file is left for repair, but a CA that may act as master with it is stopped."""
+    local = v.local
+    what = f"my CS.cfg is {local.cscfg_role} ({local.cscfg_problem})"
+    if local.cscfg_master_duty and local.ca_status != CA_DOWN:
+        if v.control.paused:
+            return Decision(Action.WAIT, f"paused: {context}; {what} and would act as master; would stop my CA")
+        return Decision(
+            Action.STOP_CA,
+            f"{context}; {what} and would generate CRLs or run the status task: stopping my CA, file left for "
+            "repair (`ca-watchdog cscfg demote`)",
+        )
+    return Decision(Action.WAIT, f"{context}; {what}: never elected, file left untouched")
+
+
 def _without_leader(v: ClusterView) -> Decision:
     if v.busy:
         return Decision(Action.WAIT, f"{v.busy} in progress; no master holds the key")
-    if v.memory.epoch == 0 and v.memory.previous_leader is None:
+    if v.memory.epoch == 0 and not v.memory.epoch_unknown:
         return _bootstrap(v)
     old = v.memory.previous_leader
     local = v.local
@@ -215,12 +280,13 @@ def _without_leader(v: ClusterView) -> Decision:
                 Action.WAIT, "paused: my lease ended while my CA kept serving as master; would take the key back"
             )
         return Decision(
-            Action.PROMOTE,
-            "my lease ended while my CA kept serving as master: taking the key back",
+            Action.RESUME,
+            "my lease ended while my CA kept serving as master: taking the key back (epoch "
+            f"{v.memory.epoch} still the last one), CA left running",
             target=v.me,
             kind="resume",
         )
-    if local.cscfg_role == MASTER and local.ca_status != CA_DOWN:
+    if _serving_as_master(local) and local.cscfg_role == MASTER:
         if v.control.paused:
             return Decision(
                 Action.WAIT, "paused: my CS.cfg is master but I do not hold the key; would stop being master"
@@ -230,6 +296,10 @@ def _without_leader(v: ClusterView) -> Decision:
             "my CS.cfg is master but I do not hold the key: stopping the CA and demoting",
             target=_best_guess_successor(v),
         )
+    if local.cscfg_role in (ROLE_UNREADABLE, INCONSISTENT) and local.cscfg_master_duty and local.ca_status != CA_DOWN:
+        return _bad_cscfg_on_a_non_holder(v, "no master holds the key")
+    if v.memory.epoch_unknown:
+        return Decision(Action.WAIT, "the store's epoch record is unreadable: no election until it is repaired")
 
     wanted, kind = v.control.switchover_target, v.control.switchover_kind or "switchover"
     if wanted is not None and wanted != v.me:
@@ -246,11 +316,13 @@ def _without_leader(v: ClusterView) -> Decision:
             return Decision(Action.WAIT, f"paused: {kind} to me requested; would take the key")
         why_not = _switchover_problem(v, v.me, old_master=old)
         if why_not:
-            return Decision(Action.CLEAR_SWITCHOVER, f"{kind} to me refused: {why_not}")
+            return Decision(Action.CLEAR_SWITCHOVER, f"{kind} to me refused: {why_not}", target=v.control.switchover_id)
         serving = [] if released else _seen_serving(v, old)
         if serving:
             return Decision(
-                Action.CLEAR_SWITCHOVER, f"{kind} to me refused: {old} is still seen serving by {', '.join(serving)}"
+                Action.CLEAR_SWITCHOVER,
+                f"{kind} to me refused: {old} is still seen serving by {', '.join(serving)}",
+                target=v.control.switchover_id,
             )
         return Decision(
             Action.PROMOTE, f"{kind} to me: taking the key", target=v.me, fence_old_master=not released, kind=kind
@@ -264,11 +336,18 @@ def _without_leader(v: ClusterView) -> Decision:
                 Action.WAIT,
                 f"{UNMANAGED}: {lost} but its CA is still seen serving by {', '.join(serving)}; no failover",
             )
-        observers = _observers_down(v, old)
-        if not observers:
+        if not _confirmed_not_master(v, old):
             return Decision(
                 Action.WAIT, f"{lost}; waiting until clones confirm its CA is down ({_watch_summary(v, old)})"
             )
+    if local.cscfg_role == CLONE and local.ca_status == CA_DOWN and local.ca_down_streak >= v.policy.failure_threshold:
+        # nobody else will start it, and a clone that does not run can never be elected
+        if v.control.paused:
+            return Decision(Action.WAIT, f"paused: {lost}; my clone CA is down ({local.ca_reason}); would start it")
+        return Decision(
+            Action.START_CLONE,
+            f"{lost}; my clone CA is down ({local.ca_reason}): starting it as a clone so that it can be elected",
+        )
     # A released key has no holder left to keep: the step-down itself was the (checked) decision.
     cooldown = None if released else cooldown_reason(v)
     if cooldown:
@@ -304,9 +383,7 @@ def _bootstrap(v: ClusterView) -> Decision:
             return Decision(Action.WAIT, f"bootstrap: {m}'s CS.cfg is the only master; waiting for it to take the key")
         if v.control.paused:
             return Decision(Action.WAIT, "paused: bootstrap: my CS.cfg is the only master; would take the key")
-        return Decision(
-            Action.BOOTSTRAP, "bootstrap: my CS.cfg is the only master: taking the key", target=v.me, kind="bootstrap"
-        )
+        return Decision(Action.BOOTSTRAP, "my CS.cfg is the only master: taking the key", target=v.me, kind="bootstrap")
     if not masters:
         seen = ", ".join(f"{s.name} {s.cscfg_role}" for s in states)
         return Decision(Action.WAIT, f"bootstrap: no CS.cfg master ({seen}); {hint}")
@@ -327,15 +404,15 @@ def _ineligible(v: ClusterView, name: str, old_master: str | None, planned: bool
     cfg = v.config_of(name)
     if cfg is None:
         return "not a cluster member"
-    if name == old_master:
-        return "the old master"
+    st = v.state_of(name)
+    if name == old_master and not (st is not None and st.cscfg_role == CLONE and st.ca_status == CA_RUNNING):
+        return "the old master"  # unless it came back as a running clone (after a reboot, say)
     if cfg.nofailover and not planned:
         return "nofailover"
-    st = v.state_of(name)
     if st is None:
         return "no fresh member record"
     if _stale(v, st):
-        return f"stale member record ({v.now - st.updated_at:.0f}s old)"
+        return f"stale member record (unchanged for {v.age_of(st):.0f}s)"
     if st.busy:
         return f"busy ({st.busy})"
     if st.cscfg_role in (ROLE_UNREADABLE, INCONSISTENT):
@@ -406,15 +483,18 @@ def _ranked(v: ClusterView, old_master: str | None) -> tuple[list[str], list[str
         cfg = v.config_of(st.name)
         return (_csn_of(st, rid), cfg.priority if cfg else 0)
 
-    # highest CSN first, then highest priority, then name ascending
+    # highest CSN first, then highest priority, then name ascending; the old master (back as a clone)
+    # only when nobody else can
     eligible.sort(key=lambda s: s.name)
     eligible.sort(key=key, reverse=True)
+    eligible.sort(key=lambda s: s.name == old_master)
     return [s.name for s in eligible], rejected
 
 
 def _stale(v: ClusterView, st: MemberState) -> bool:
-    """Another member's record older than one ttl is not trusted (the store should have expired it)."""
-    return st.name != v.me and v.now - st.updated_at > v.policy.ttl
+    """Another member's record unchanged for one ttl by my clock is not trusted (the store should have expired
+    it); never judged by comparing its writer's wall clock with mine."""
+    return st.name != v.me and v.age_of(st) > v.policy.ttl
 
 
 def _seen_serving(v: ClusterView, old: str | None) -> list[str]:
@@ -444,6 +524,22 @@ def _observers_down(v: ClusterView, old: str | None) -> list[str]:
     ]
 
 
+def _confirmed_not_master(v: ClusterView, old: str | None) -> bool:
+    """The old master provably does not serve as master: clones see its CA down, or see it answer as a
+    clone, or its own fresh record says its CS.cfg is a clone's (or its CA is down)."""
+    if old is None or _observers_down(v, old):
+        return True
+    own = v.state_of(old)
+    down = own is not None and own.ca_status == CA_DOWN and own.ca_down_streak >= v.policy.failure_threshold
+    if own is not None and not _stale(v, own) and (own.cscfg_role == CLONE or down):
+        return True
+    return any(
+        st.watching == old and st.watched_status == CA_RUNNING and st.watched_role == CLONE and not _stale(v, st)
+        for st in _all_states(v)
+        if st.name != old
+    )
+
+
 def _watch_summary(v: ClusterView, old: str | None) -> str:
     parts = [
         f"{st.name}: {st.watched_status or 'no view'} x{st.watched_down_streak}"
@@ -454,15 +550,12 @@ def _watch_summary(v: ClusterView, old: str | None) -> str:
 
 
 def cooldown_reason(v: ClusterView) -> str | None:
-    last = v.memory.last_failover_at
-    if last is None or v.policy.failover_cooldown <= 0:
+    """The store's cooldown key is the fact: it is written when an automatic failover completes (the new
+    master serving) and lives failover_cooldown seconds in the store; `ca-watchdog ack` deletes it."""
+    since = v.control.cooldown_since
+    if since is None or v.policy.failover_cooldown <= 0:
         return None
-    ack = v.control.cooldown_ack_at
-    if ack is not None and ack >= last:
-        return None
-    age = v.now - last
-    if age >= v.policy.failover_cooldown:
-        return None
+    age = max(0.0, v.now - since)
     return (
         f"cooldown: last failover {age:.0f}s ago (< failover_cooldown {v.policy.failover_cooldown:g}s); "
         "run `ca-watchdog ack` to allow another"
@@ -470,7 +563,7 @@ def cooldown_reason(v: ClusterView) -> str | None:
 
 
 def _best_guess_successor(v: ClusterView) -> str | None:
-    """Whom a self-fenced master's CS.cfg should name until the real new master is known."""
+    """Whom a demoted CS.cfg should name until the real new master is known: the best candidate."""
     old = v.memory.previous_leader or v.me
     ranked = [name for name in _ranked(v, old_master=old)[0] if name != v.me]
     if ranked:

@@ -88,3 +88,9 @@ class Metrics:
             "ca_watchdog_probe_latency_seconds", "probe latency", ["probe"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.actions = Counter("ca_watchdog_actions", "decisions taken, by action", ["action"], registry=r)
+        self.cycle_errors = Counter(
+            "ca_watchdog_cycle_errors", "cycles that raised (logged with a traceback; the next cycle runs)", registry=r
+        )
+        self.bad_records = Counter(
+            "ca_watchdog_bad_records", "store records and answers ignored as unreadable, per cycle seen", registry=r
+        )

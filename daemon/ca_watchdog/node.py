@@ -7,7 +7,6 @@ halfway can tell on restart what it was doing.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import time
@@ -15,12 +14,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from . import cscfg
-from .config import Settings, load_settings
+from .config import Settings
 from .probes.agent import AgentProbe, AgentStatus
 from .service import ServiceControl, ServiceError, run_argv
 from .startup import StartupWatch
-from .store import open_store
-from .store.base import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +38,13 @@ class PromotionTimes:
 
 async def _no_journal(step: str) -> None:
     return None
+
+
+async def _no_check() -> None:
+    return None
+
+
+Check = Callable[[], Awaitable[None]]
 
 
 class LocalCA:
@@ -115,15 +119,19 @@ class LocalCA:
             result.backup,
         )
 
-    async def restart(self, journal: Journal = _no_journal) -> AgentStatus:
+    async def restart(self, journal: Journal = _no_journal, before_start: Check = _no_check) -> AgentStatus:
         await journal("restart: stopping")
         await self.stop()
+        await before_start()
         await journal("restart: starting")
         await self.start()
         return await self.wait_running()
 
-    async def promote(self, crl_block: Sequence[str] | None, journal: Journal = _no_journal) -> PromotionTimes:
-        """Stop, write the master CS.cfg, start, wait for running, verify with getInfo."""
+    async def promote(
+        self, crl_block: Sequence[str] | None, journal: Journal = _no_journal, before_start: Check = _no_check
+    ) -> PromotionTimes:
+        """Stop, write the master CS.cfg, check the lease (`before_start`), start, wait for running, verify
+        with getInfo."""
         await journal("promote: stopping")
         await self.stop()
         stopped = time.time()
@@ -138,6 +146,7 @@ class LocalCA:
             await journal("promote: writing CS.cfg")
             self._write(before, cscfg.promote(before, block, origin="the master's published ca.crl. block"))
         written = time.time()
+        await before_start()
         await journal("promote: starting")
         await self.start()
         started = time.time()
@@ -189,84 +198,3 @@ async def run_fence_command(argv: Sequence[str], old_master: str, timeout: float
     rc, out = await run_argv([*argv, old_master], timeout)
     if rc != 0:
         raise NodeError(f"fence_command failed for {old_master} ({rc}): {out[-300:]}")
-
-
-# ---- the guard (ExecStartPre of pki-tomcatd@) ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GuardResult:
-    changed: bool
-    message: str
-
-
-async def guard(settings: Settings, store: Store | None) -> GuardResult:
-    """Make the local CS.cfg agree with the store before the CA starts.
-
-    Master only if this node holds the leader key; otherwise a clone of the current master.
-    Store unreachable: clone (no CRL generation is the safe side). Bootstrap (no master ever):
-    CS.cfg is left as it is, because it is what the daemons bootstrap from.
-    """
-    me = settings.node.name
-    before = cscfg.read_cscfg(settings.node.cs_cfg)
-    role = cscfg.classify(before).role
-    leader_name: str | None = None
-    try:
-        if store is None:
-            raise StoreUnavailable("no store")
-        leader = await store.get_leader()
-        leader_name = leader.name if leader else None
-        epoch = await store.get_epoch()
-        if leader_name is None and epoch == 0:
-            return GuardResult(False, f"bootstrap (no master yet): CS.cfg left as {role.value}")
-        if leader_name == me:
-            return GuardResult(False, f"{me} holds the leader key: CS.cfg left as {role.value}")
-        if leader_name is None:
-            history = await store.get_history(20)
-            previous = next((e.event.get("name") for e in reversed(history) if e.event.get("type") == "acquired"), None)
-            target = previous if isinstance(previous, str) and previous != me else _fallback_master(settings)
-            why = "no master holds the key"
-        else:
-            target, why = leader_name, f"{leader_name} holds the leader key"
-    except StoreUnavailable as exc:
-        target, why = (_fallback_master(settings), f"store unreachable ({exc})")
-    if target is None:
-        return GuardResult(False, f"{why}; no other member to point at: CS.cfg left as {role.value}")
-    member = settings.member(target)
-    after = cscfg.demote(before, member.agent_host, member.agent_port)
-    if after.render() == before.render():
-        return GuardResult(False, f"{why}: CS.cfg already a clone of {target}")
-    result = cscfg.write_cscfg(after, settings.node.cs_cfg, expected=before.render())
-    return GuardResult(True, f"{why}: CS.cfg was {role.value}, now a clone of {target} (backup {result.backup})")
-
-
-def _fallback_master(settings: Settings) -> str | None:
-    others = sorted((m for m in settings.members if m.name != settings.node.name), key=lambda m: (-m.priority, m.name))
-    return others[0].name if others else None
-
-
-async def run_guard(settings: Settings) -> GuardResult:
-    t = settings.timing
-    try:
-        store: Store | None = open_store(settings.store, [m.name for m in settings.members], t.store_timeout)
-    except (OSError, ValueError) as exc:
-        log.warning("cannot open the store: %s", exc)
-        store = None
-    try:
-        return await guard(settings, store)
-    finally:
-        if store is not None:
-            await store.close()
-
-
-def cli_guard(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
-    if args.instance and args.instance not in settings.node.service:
-        print(f"ca-watchdog guard: note: instance {args.instance!r} is not in node.service {settings.node.service!r}")
-    try:
-        result = asyncio.run(run_guard(settings))
-    except cscfg.CSCfgWriteError as exc:
-        print(f"ca-watchdog guard: {exc}; refusing to let the CA start")
-        return 1
-    print(f"ca-watchdog guard: {result.message}")
-    return 0

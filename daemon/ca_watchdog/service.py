@@ -34,11 +34,13 @@ async def run_argv(argv: Sequence[str], timeout: float) -> tuple[int, str]:
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except (TimeoutError, asyncio.CancelledError):
+    except (TimeoutError, asyncio.CancelledError) as exc:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.wait(), 5)
+            await asyncio.wait_for(asyncio.shield(proc.wait()), 5)
+        if isinstance(exc, asyncio.CancelledError):
+            raise  # a stop (SIGTERM, pre-emption) is not a failed command: nothing may roll back on it
         raise ServiceError(f"{argv[0]} did not finish within {timeout:g}s") from None
     return proc.returncode or 0, out.decode("utf-8", "replace").strip()
 

@@ -9,7 +9,7 @@ happen.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -105,7 +105,15 @@ def clone(
     return MemberState(name=name, **base)
 
 
-def memory(**kw: Any) -> LocalMemory:
+@dataclass(frozen=True)
+class Memory(LocalMemory):
+    """LocalMemory plus when the last automatic failover completed, which the store keeps as the cooldown
+    key (living failover_cooldown seconds, deleted by an ack); view() turns it into that key."""
+
+    last_failover_at: float | None = None
+
+
+def memory(**kw: Any) -> Memory:
     base: dict[str, Any] = {
         "seconds_since_renew": 1.0,
         "previous_leader": "ca1",
@@ -113,7 +121,7 @@ def memory(**kw: Any) -> LocalMemory:
         "known_replica_ids": dict(RID),
     }
     base.update(kw)
-    return LocalMemory(**base)
+    return Memory(**base)
 
 
 def view(
@@ -135,6 +143,9 @@ def view(
 ) -> ClusterView:
     if leader is _UNSET:
         leader = "ca1"
+    mem = mem if mem is not None else memory()
+    last = getattr(mem, "last_failover_at", None)
+    cooldown_on = last is not None and NOW - last < policy.failover_cooldown and (ack is None or ack < last)
     return ClusterView(
         now=NOW,
         me=me,
@@ -147,12 +158,13 @@ def view(
             paused=paused,
             switchover_target=switchover,
             switchover_kind=kind if kind or not switchover else "switchover",
-            cooldown_ack_at=ack,
+            cooldown_since=last if cooldown_on else None,
         ),
-        memory=mem if mem is not None else memory(),
+        memory=mem,
         store_ok=store_ok,
         store_error=store_error,
         busy=busy,
+        record_ages={n: NOW - s.updated_at for n, s in states.items() if n != me},
     )
 
 
@@ -213,7 +225,8 @@ FRESH = memory(previous_leader=None, epoch=0, seconds_since_renew=None)
 
 def test_bootstrap_exactly_one_cscfg_master_which_is_me_takes_the_key() -> None:
     d = decide_for("ca1", healthy(), leader=None, mem=FRESH)
-    expect(d, Action.BOOTSTRAP, target="ca1", kind="bootstrap", fence=False, says=("bootstrap", "only master"))
+    expect(d, Action.BOOTSTRAP, target="ca1", kind="bootstrap", fence=False, says=("only master",))
+    assert d.line() == "bootstrap: my CS.cfg is the only master: taking the key"  # said once, not twice
 
 
 @pytest.mark.parametrize("me", ["ca2", "ca3"])
@@ -347,13 +360,29 @@ def test_master_with_a_long_action_in_progress_only_renews() -> None:
 
 
 @pytest.mark.parametrize("role", [ROLE_UNREADABLE, "inconsistent"])
-@pytest.mark.parametrize("ca", [CA_RUNNING, CA_DOWN])
-def test_master_holding_the_key_with_a_corrupt_cscfg_renews_and_never_touches_the_file(role: str, ca: str) -> None:
-    states = master_ca_down(
-        ca1=master("ca1", cscfg_role=role, cscfg_problem="bad line", ca_status=ca, ca_down_streak=9)
-    )
+def test_master_holding_the_key_with_a_corrupt_cscfg_and_a_running_ca_renews_and_never_touches_the_file(
+    role: str,
+) -> None:
+    states = master_ca_down(ca1=master("ca1", cscfg_role=role, cscfg_problem="bad line", ca_status=CA_RUNNING))
     d = decide_for("ca1", states, mem=memory(restarted_in_incident=True))
     expect(d, Action.RENEW, says=(f"CS.cfg is {role}", "bad line", "not touching", "repair"))
+
+
+@pytest.mark.parametrize("role", [ROLE_UNREADABLE, "inconsistent"])
+def test_defect10_key_holder_with_an_unreadable_cscfg_and_a_dead_ca_releases_the_key_to_the_best_clone(
+    role: str,
+) -> None:
+    states = master_ca_down(
+        ca1=master("ca1", cscfg_role=role, cscfg_problem="bad line", ca_status=CA_DOWN, ca_down_streak=9)
+    )
+    d = decide_for("ca1", states, mem=memory(restarted_in_incident=True))
+    expect(d, Action.DEMOTE_AND_RELEASE, target="ca2", says=(f"CS.cfg is {role}", "CA down", "left for repair"))
+
+
+def test_defect10_switchover_moves_a_key_holder_whose_cscfg_is_unreadable() -> None:
+    states = {**healthy(), "ca1": master("ca1", cscfg_role=ROLE_UNREADABLE, cscfg_problem="bad line")}
+    d = decide_for("ca1", states, switchover="ca2")
+    expect(d, Action.DEMOTE_AND_RELEASE, target="ca2", kind="switchover")
 
 
 def test_key_holder_with_a_clone_cscfg_completes_the_interrupted_promotion() -> None:
@@ -484,9 +513,29 @@ def test_store_unreachable_paused_master_does_not_fence_and_says_paused() -> Non
     expect(decide(cut_off(TTL, paused=True)), Action.WAIT, says=("paused", "would self-fence"))
 
 
-def test_store_unreachable_on_a_node_that_never_held_the_key_takes_no_decision() -> None:
-    d = decide(cut_off(None))
-    expect(d, Action.WAIT, says=("no failover decision without the store",))
+@pytest.mark.parametrize("uptime", [1.0, TTL - POLICY.safety_margin - 0.1])
+def test_defect1_restarted_daemon_whose_ca_serves_as_master_keeps_it_until_the_deadline_from_its_own_start(
+    uptime: float,
+) -> None:
+    v = cut_off(None)
+    v = replace(v, memory=replace(v.memory, uptime=uptime))
+    expect(decide(v), Action.WAIT, says=("keeping the master role", "no lease proven", "since my start"))
+
+
+@pytest.mark.parametrize("uptime", [TTL - POLICY.safety_margin, TTL * 10])
+def test_defect1_restarted_daemon_with_the_store_unreachable_fences_its_master_ca_by_the_deadline_from_its_start(
+    uptime: float,
+) -> None:
+    # "was I master?" is answered by what the CA serves, not by process memory: a new process that
+    # cannot prove a lease must not keep a master CA running past the point where clones may elect
+    v = cut_off(None)
+    v = replace(v, memory=replace(v.memory, uptime=uptime), failsafe_acks=("ca2", "ca3"))
+    expect(decide(v), Action.SELF_FENCE, target="ca2", says=("no lease proven", "since my start", "stopping the CA"))
+
+
+def test_store_unreachable_on_a_node_whose_ca_does_not_serve_as_master_takes_no_decision() -> None:
+    v = cut_off(None, ca1=clone("ca1", of="ca2", seen=None))
+    expect(decide(v), Action.WAIT, says=("no failover decision without the store", "not serving as master"))
 
 
 @pytest.mark.parametrize("me", ["ca2", "ca3"])
@@ -567,7 +616,8 @@ def test_old_master_released_the_key_clones_elect_at_once_without_fencing_or_see
 def test_old_master_whose_lease_ended_while_its_ca_kept_serving_takes_the_key_back() -> None:
     states = {"ca1": master("ca1"), "ca2": clone("ca2"), "ca3": clone("ca3")}
     d = decide_for("ca1", states, leader=None, mem=memory(leaderless_for=3.0))
-    expect(d, Action.PROMOTE, target="ca1", kind="resume", fence=False, says=("taking the key back",))
+    # defect 17: the key is taken back without touching the healthy CA (no stop, no restart)
+    expect(d, Action.RESUME, target="ca1", kind="resume", fence=False, says=("taking the key back", "CA left running"))
     for other in ("ca2", "ca3"):
         expect(decide_for(other, states, leader=None), Action.WAIT, says=("master unmanaged",))
 
@@ -586,8 +636,9 @@ def test_non_holder_running_a_master_cscfg_while_the_key_is_free_fences_itself()
 
 def test_old_master_whose_ca_is_down_after_its_lease_ended_is_never_its_own_successor() -> None:
     states = master_host_gone(ca1=clone("ca1", of="ca2", seen=None, ca_status=CA_DOWN, ca_down_streak=9))
-    d = decide_for("ca1", states, leader=None)
-    expect(d, Action.WAIT, says=("waiting for ca2",))
+    # it starts its CA as a clone (defect 11: nothing else would), and ca2 is elected meanwhile
+    expect(decide_for("ca1", states, leader=None), Action.START_CLONE, says=("starting it as a clone",))
+    expect(decide_for("ca2", states, leader=None), Action.PROMOTE, target="ca2")
 
 
 def test_leaderless_node_with_a_long_action_in_progress_waits() -> None:
@@ -1051,7 +1102,7 @@ def clusters(draw: st.DrawFn) -> dict[str, Any]:
     states = {n: draw(member_states(n)) for n in NAMES}
     previous = draw(st.sampled_from([None, *NAMES]))
     leader = draw(st.sampled_from([None, None, *NAMES]))
-    mem = LocalMemory(
+    mem = Memory(
         seconds_since_renew=draw(st.sampled_from([None, 1.0, TTL])),
         restarted_in_incident=draw(st.booleans()),
         previous_leader=previous,

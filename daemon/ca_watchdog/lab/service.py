@@ -58,7 +58,7 @@ def _start(pidfile: Path, log: Path, argv: Sequence[str], guard_config: str | No
         return 0
     if guard_config:
         from ..config import load_settings
-        from ..node import run_guard
+        from ..guard import run_guard
 
         result = asyncio.run(run_guard(load_settings(guard_config)))
         print(f"guard: {result.message}")
