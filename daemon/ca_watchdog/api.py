@@ -361,6 +361,9 @@ class _Conn(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.gone = False
+        # what TLS decrypted before start_tls() returned (the request can come with the handshake)
+        self.early: list[bytes] = []
+        self.early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -393,6 +396,11 @@ class _Conn(asyncio.Protocol):
         self.transport = transport
         self.gate.by_transport[transport] = self
         self.handler.connection_made(transport)
+        early, self.early = self.early, []
+        for data in early:
+            self.handler.data_received(data)
+        if self.early_eof and not self.handler.eof_received():
+            transport.close()
 
     def _check(self) -> None:
         """No new request head since the last check and none in progress: close."""
@@ -423,9 +431,14 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.transport is not None:
             self.handler.data_received(data)
+        elif sum(map(len, self.early)) < MAX_BODY:
+            self.early.append(data)
 
     def eof_received(self) -> bool | None:
-        return self.handler.eof_received() if self.transport is not None else None
+        if self.transport is None:
+            self.early_eof = True
+            return True  # keep the transport open until the handler has seen the data
+        return self.handler.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:
@@ -495,7 +508,13 @@ class GatedSite(web.TCPSite):
     async def start(self) -> None:
         await web.BaseSite.start(self)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self.gate, self._host, self._port, backlog=self._backlog)
+        # asyncio accepts up to `backlog` connections per wake-up, each a descriptor until the gate
+        # closes it on the next turn: a small batch keeps a flood from hitting the descriptor limit
+        self._server = await loop.create_server(self.gate, self._host, self._port, backlog=64)
+        for listening in self._server.sockets:
+            # ...while a deep kernel queue keeps a health check from waiting for a SYN retransmit
+            with listening.dup() as same:
+                same.listen(1024)
 
     async def stop(self) -> None:
         await super().stop()

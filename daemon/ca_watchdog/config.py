@@ -223,6 +223,9 @@ def normalize_identity(text: str) -> str:
         raise ValueError(f"{text!r} is neither a subject DN (CN=...,O=...) nor a sha256: fingerprint")
     from cryptography import x509
 
+    # "CN=x, O=y" (the OpenSSL/ldap style) is the same DN as "CN=x,O=y"
+    parts = [p.strip() for p in re.split(r"(?<!\\),", t)]
+    t = ",".join(re.sub(r"^([^=]+?)\s*=\s*", r"\1=", p) for p in parts)
     try:
         name = x509.Name.from_rfc4514_string(t)
     except ValueError as exc:

@@ -119,7 +119,11 @@ def test_finding8_cleartext_etcd_with_a_password_is_refused(tmp_path: Path, pki:
     d["store"] = {
         "backend": "etcd",
         "path": str(tmp_path / "state.db"),
-        "etcd": {"endpoints": ["http://etcd1.example.test:2379"], "username": "u", "password_file": str(tmp_path / "etcd-pw")},
+        "etcd": {
+            "endpoints": ["http://etcd1.example.test:2379"],
+            "username": "u",
+            "password_file": str(tmp_path / "etcd-pw"),
+        },
     }
     refused(tmp_path, d, "store.etcd.endpoints", capsys)
 
@@ -134,9 +138,13 @@ def test_finding8_insecure_true_allows_cleartext_and_status_shows_it(
     path = tmp_path / "config.toml"
     assert cli.main(["status", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "INSECURE (cluster.insecure = true): cleartext cluster.members[1].ldap_url = ldap://ca2.example.test:389" in out
+    assert (
+        "INSECURE (cluster.insecure = true): cleartext cluster.members[1].ldap_url = ldap://ca2.example.test:389" in out
+    )
     assert cli.main(["status", "--json", "--config", str(path)]) == 0
-    assert json.loads(capsys.readouterr().out)["insecure"] == ["cluster.members[1].ldap_url = ldap://ca2.example.test:389"]
+    assert json.loads(capsys.readouterr().out)["insecure"] == [
+        "cluster.members[1].ldap_url = ldap://ca2.example.test:389"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -206,8 +214,11 @@ def test_finding8_a_non_pem_certificate_fails_check_config(
     d = base(tmp_path, pki)
     d["api"]["client_ca_file"] = str(pki.ca_cert)
     der = tmp_path / "cert.der"
-    der.write_bytes(x509.load_pem_x509_certificate(pki.server_cert.read_bytes()).public_bytes(
-        __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER))
+    der.write_bytes(
+        x509.load_pem_x509_certificate(pki.server_cert.read_bytes()).public_bytes(
+            __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER
+        )
+    )
     table, name = key.split(".")
     d[table][name] = str(der)
     out = refused(tmp_path, d, key, capsys)
