@@ -128,5 +128,6 @@ chmod 0644 /etc/systemd/system/pki-tomcatd@.service
 systemctl daemon-reload
 systemctl reset-failed 2>/dev/null || true
 
-ca-watchdog check-config /etc/ca-watchdog/config.toml
+# a bare credential name is looked up in $CREDENTIALS_DIRECTORY, as under the unit
+CREDENTIALS_DIRECTORY=/etc/ca-watchdog/credentials ca-watchdog check-config /etc/ca-watchdog/config.toml
 echo "installed: $(ca-watchdog --version) from $SRC; CS.cfg $(ca-watchdog cscfg show /etc/pki/$INST/ca/CS.cfg | head -n 1)"

@@ -6,15 +6,35 @@ unknown keys are errors, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import re
+import ssl
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 DEFAULT_CONFIG_PATH = "/etc/ca-watchdog/config.toml"
+
+# a member name goes into fence_command's argv, journal fields, metric labels and store keys
+MEMBER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# sane bounds of every duration (seconds): (lowest, highest)
+BOUNDS: dict[str, tuple[float, float]] = {
+    "timing.interval": (0.1, 300.0),
+    "timing.agent_timeout": (0.05, 300.0),
+    "timing.ldap_timeout": (0.05, 300.0),
+    "timing.store_timeout": (0.05, 300.0),
+    "timing.ttl": (1.0, 3600.0),
+    "timing.safety_margin": (0.1, 3600.0),
+    "timing.start_timeout": (1.0, 3600.0),
+    "timing.stop_timeout": (1.0, 3600.0),
+    "failover.maximum_lag": (0.0, 86400.0),
+    "failover.failover_cooldown": (0.0, 30 * 86400.0),
+    "api.request_head_timeout": (0.5, 60.0),
+}
 
 
 class ConfigError(ValueError):
@@ -117,6 +137,12 @@ class APISettings:
     cert_file: str | None = None
     key_file: str | None = None
     client_ca_file: str | None = None
+    # who may call what (subject DNs in RFC 4514 form or "sha256:" certificate fingerprints)
+    operators: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
+    crl_file: str | None = None
+    max_connections: int = 256
+    request_head_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +155,8 @@ class Settings:
     failover: FailoverSettings = field(default_factory=FailoverSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     api: APISettings = field(default_factory=APISettings)
+    # cluster.insecure = true: the cleartext URLs to other hosts it allowed ("key = url")
+    insecure: tuple[str, ...] = ()
 
     @property
     def me(self) -> MemberSettings:
@@ -144,15 +172,65 @@ class Settings:
         return read_secret(self.node.ldap_password_file)
 
 
+class SecretError(ValueError):
+    """A secret (credential) cannot be read; the message names the file, never its content."""
+
+
+def secret_path(path: str) -> Path:
+    """An absolute path as it is; a bare name is a systemd credential in `$CREDENTIALS_DIRECTORY`."""
+    if os.path.isabs(path):
+        return Path(path)
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if "/" in path or not creds:
+        raise SecretError(
+            f"{path!r} is a bare credential name but $CREDENTIALS_DIRECTORY is not set "
+            "(run under systemd with LoadCredential=, or give an absolute path)"
+            if "/" not in path
+            else f"{path!r} is a relative path (give an absolute path or a bare credential name)"
+        )
+    return Path(creds) / path
+
+
 def read_secret(path: str | None) -> str | None:
-    """A secret from a file; `$CREDENTIALS_DIRECTORY` (systemd LoadCredential=) is tried for bare names."""
+    """A secret from a file; a bare name is looked up in `$CREDENTIALS_DIRECTORY` (systemd LoadCredential=)."""
     if path is None:
         return None
-    p = Path(path)
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not p.is_absolute() and creds:
-        p = Path(creds) / p
-    return p.read_text(encoding="utf-8").rstrip("\r\n")
+    p = secret_path(path)
+    try:
+        return p.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecretError(f"cannot read {str(p)!r}: {getattr(exc, 'strerror', None) or type(exc).__name__}") from exc
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def normalize_identity(text: str) -> str:
+    """An allow-list entry in one canonical form: "sha256:<64 lowercase hex>" or an RFC 4514 DN as
+    `cryptography` renders it (so "cn=x, o=y" and "CN=x,O=y" match). ValueError if it is neither."""
+    t = text.strip()
+    hexpart = t[7:] if t.lower().startswith("sha256:") else t
+    compact = hexpart.replace(":", "").lower()
+    if re.fullmatch(r"[0-9a-f]{64}", compact):
+        return "sha256:" + compact
+    if t.lower().startswith("sha256:") or "=" not in t:
+        raise ValueError(f"{text!r} is neither a subject DN (CN=...,O=...) nor a sha256: fingerprint")
+    from cryptography import x509
+
+    # "CN=x, O=y" (the OpenSSL/ldap style) is the same DN as "CN=x,O=y"
+    parts = [p.strip() for p in re.split(r"(?<!\\),", t)]
+    t = ",".join(re.sub(r"^([^=]+?)\s*=\s*", r"\1=", p) for p in parts)
+    try:
+        name = x509.Name.from_rfc4514_string(t)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not an RFC 4514 subject DN: {exc}") from exc
+    return name.rfc4514_string()
 
 
 class _Table:
@@ -198,12 +276,14 @@ class _Table:
             raise self.error(name, "must not be empty")
         return v
 
-    def num(self, name: str, default: float, minimum: float = 0.0, exclusive: bool = True) -> float:
+    def num(self, name: str, default: float) -> float:
+        """A duration in seconds within BOUNDS[key]."""
         v = float(self._get(name, (int, float), "a number", False, default))
         if not math.isfinite(v):  # TOML allows inf and nan; no timing can be either
             raise self.error(name, f"must be a finite number, not {v}")
-        if v < minimum or (exclusive and v == minimum):
-            raise self.error(name, f"must be {'>' if exclusive else '>='} {minimum:g}, not {v:g}")
+        low, high = BOUNDS[self.key(name)]
+        if not low <= v <= high:
+            raise self.error(name, f"must be between {low:g} and {high:g} seconds, not {v:g}")
         return v
 
     def integer(self, name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
@@ -263,10 +343,29 @@ def _opt_url(t: _Table, name: str, schemes: tuple[str, ...]) -> str | None:
     return None if v is None else _check_url(t, name, v, schemes)
 
 
+def _absolute(t: _Table, name: str, v: str) -> str:
+    # the daemon (cwd /), the guard (run by PID 1) and the CLI must all mean the same file
+    if not os.path.isabs(v):
+        raise t.error(name, f"must be an absolute path, not {v!r}")
+    return v
+
+
 def _file(t: _Table, name: str, must_exist: bool, credential: bool = False) -> str | None:
     v = t.opt_text(name)
-    # a bare credential name is looked up in $CREDENTIALS_DIRECTORY at run time (read_secret)
-    if v is not None and must_exist and not (credential and not os.path.isabs(v)) and not os.path.exists(v):
+    if v is None:
+        return None
+    if credential:
+        # a bare name is a systemd credential, looked up in $CREDENTIALS_DIRECTORY (read_secret)
+        if not os.path.isabs(v) and "/" in v:
+            raise t.error(name, f"must be an absolute path or a bare credential name, not {v!r}")
+        if must_exist:
+            try:
+                read_secret(v)
+            except SecretError as exc:
+                raise t.error(name, str(exc)) from exc
+        return v
+    _absolute(t, name, v)
+    if must_exist and not os.path.exists(v):
         raise t.error(name, f"file {v!r} does not exist")
     return v
 
@@ -275,7 +374,7 @@ def _node(t: _Table, check_files: bool) -> NodeSettings:
     control = t.choice("service_control", ("systemd", "command"), "systemd")
     n = NodeSettings(
         name=t.text("name"),
-        cs_cfg=t.text("cs_cfg", "/etc/pki/pki-tomcat/ca/CS.cfg"),
+        cs_cfg=_absolute(t, "cs_cfg", t.text("cs_cfg", "/etc/pki/pki-tomcat/ca/CS.cfg")),
         service=t.text("service", "pki-tomcatd@pki-tomcat.service"),
         service_control=cast(Literal["systemd", "command"], control),
         start_command=t.argv("start_command"),
@@ -301,8 +400,13 @@ def _members(source: str, data: Any) -> tuple[MemberSettings, ...]:
     out: list[MemberSettings] = []
     for i, raw in enumerate(data):
         t = _Table(source, f"cluster.members[{i}]", raw)
+        name = t.text("name")
+        if not MEMBER_NAME.fullmatch(name):
+            raise t.error("name", f"must be 1 to 64 of A-Z a-z 0-9 . _ - (no spaces, no newlines), not {name!r}")
+        if name.startswith("-"):
+            raise t.error("name", f"must not start with '-' (it is passed as an argument), not {name!r}")
         m = MemberSettings(
-            name=t.text("name"),
+            name=name,
             agent_url=_url(t, "agent_url", ("https", "http")),
             ldap_url=_opt_url(t, "ldap_url", ("ldap", "ldaps")),
             api_url=_opt_url(t, "api_url", ("https", "http")),
@@ -320,7 +424,7 @@ def _store(t: _Table | None, check_files: bool) -> StoreSettings:
     if t is None:
         return StoreSettings()
     backend = t.choice("backend", ("sqlite", "etcd"), "sqlite")
-    path = t.text("path", StoreSettings.path)
+    path = _absolute(t, "path", t.text("path", StoreSettings.path))
     e = t.sub("etcd", required=backend == "etcd")
     etcd = None
     if e is not None:
@@ -386,8 +490,8 @@ def _failover(t: _Table | None) -> FailoverSettings:
     d = FailoverSettings()
     s = FailoverSettings(
         restart_before_failover=t.boolean("restart_before_failover", d.restart_before_failover),
-        maximum_lag=t.num("maximum_lag", d.maximum_lag, exclusive=False),
-        failover_cooldown=t.num("failover_cooldown", d.failover_cooldown, exclusive=False),
+        maximum_lag=t.num("maximum_lag", d.maximum_lag),
+        failover_cooldown=t.num("failover_cooldown", d.failover_cooldown),
         fence_command=t.argv("fence_command"),
     )
     t.done()
@@ -420,6 +524,11 @@ def _api(t: _Table | None, check_files: bool) -> APISettings:
         cert_file=_file(t, "cert_file", check_files),
         key_file=_file(t, "key_file", check_files),
         client_ca_file=_file(t, "client_ca_file", check_files),
+        operators=_identities(t, "operators"),
+        peers=_identities(t, "peers"),
+        crl_file=_file(t, "crl_file", check_files),
+        max_connections=t.integer("max_connections", d.max_connections, minimum=8, maximum=10_000),
+        request_head_timeout=t.num("request_head_timeout", d.request_head_timeout),
     )
     if (s.cert_file is None) != (s.key_file is None):
         raise t.error(
@@ -427,8 +536,24 @@ def _api(t: _Table | None, check_files: bool) -> APISettings:
         )
     if s.client_ca_file and not s.cert_file:
         raise t.error("client_ca_file", "needs cert_file and key_file (client certificates need TLS)")
+    for name in ("operators", "peers", "crl_file"):
+        if getattr(s, name) and not s.client_ca_file:
+            raise t.error("client_ca_file", f"is required with api.{name} (client certificates are checked against it)")
     t.done()
     return s
+
+
+def _identities(t: _Table, name: str) -> tuple[str, ...]:
+    v: list[Any] = t._get(name, list, "a list of subject DNs or sha256: fingerprints", False, [])
+    out = []
+    for i, item in enumerate(v):
+        if not isinstance(item, str):
+            raise t.error(name, f"[{i}] must be a string, not {type(item).__name__}")
+        try:
+            out.append(normalize_identity(item))
+        except ValueError as exc:
+            raise t.error(name, f"[{i}] {exc}") from exc
+    return tuple(out)
 
 
 def parse_settings(data: dict[str, Any], source: str = "<config>", check_files: bool = False) -> Settings:
@@ -440,6 +565,7 @@ def parse_settings(data: dict[str, Any], source: str = "<config>", check_files: 
     assert cluster is not None
     cluster.used.add("members")
     members = _members(source, cluster.data.get("members"))
+    insecure = cluster.boolean("insecure", False)
     cluster.done()
     settings = Settings(
         source=source,
@@ -455,6 +581,32 @@ def parse_settings(data: dict[str, Any], source: str = "<config>", check_files: 
     if not any(m.name == node.name for m in members):
         names = ", ".join(m.name for m in members)
         raise ConfigError(source, "node.name", f"{node.name!r} is not one of cluster.members ({names})")
+    cleartext = _cleartext_urls(settings)
+    if cleartext and not insecure:
+        key, url = cleartext[0]
+        raise ConfigError(
+            source,
+            key,
+            f"{url!r} is cleartext to a host other than loopback (use https:// or ldaps://, "
+            "or set cluster.insecure = true to allow it)",
+        )
+    settings = replace(settings, insecure=tuple(f"{k} = {u}" for k, u in cleartext))
+    a = settings.api
+    peers_asked = [m.name for m in members if m.api_url and m.name != node.name]
+    if peers_asked and a.cert_file and not a.client_ca_file:
+        raise ConfigError(
+            source,
+            "api.client_ca_file",
+            f"is required when members have api_url ({', '.join(peers_asked)}): without it no peer "
+            "can ask this member's /failsafe and the failsafe is silently off",
+        )
+    if peers_asked and a.client_ca_file and not a.peers:
+        raise ConfigError(
+            source,
+            "api.peers",
+            f"must list the peers' certificates when members have api_url ({', '.join(peers_asked)}): "
+            "otherwise every peer's /failsafe question is refused and the failsafe is silently off",
+        )
     t = settings.timing
     if not t.interval + 2 * t.store_timeout < t.ttl:
         raise ConfigError(
@@ -484,6 +636,102 @@ def parse_settings(data: dict[str, Any], source: str = "<config>", check_files: 
     return settings
 
 
+def _cleartext_urls(s: Settings) -> list[tuple[str, str]]:
+    """Every URL that would carry data (or a password) in cleartext to a host other than loopback."""
+    found: list[tuple[str, str]] = []
+    for i, m in enumerate(s.members):
+        for name, url, clear in (
+            ("agent_url", m.agent_url, "http"),
+            ("api_url", m.api_url, "http"),
+            # the daemon's LDAP probe does not use StartTLS: ldap:// binds in cleartext
+            ("ldap_url", m.ldap_url, "ldap"),
+        ):
+            if url is not None and urlsplit(url).scheme == clear and not is_loopback(urlsplit(url).hostname or ""):
+                found.append((f"cluster.members[{i}].{name}", url))
+    if s.store.etcd is not None:
+        for url in s.store.etcd.endpoints:
+            if urlsplit(url).scheme == "http" and not is_loopback(urlsplit(url).hostname or ""):
+                found.append(("store.etcd.endpoints", url))
+    return found
+
+
+def check_material(s: Settings) -> None:
+    """Load the TLS material and the credentials exactly as `run` does (ssl contexts, read_secret);
+    a ConfigError names the key of the first that fails."""
+    src = s.source
+
+    def fail(key: str, what: str, exc: BaseException) -> ConfigError:
+        detail = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return ConfigError(src, key, f"{what}: {detail}")
+
+    def client_side(prefix: str, ca: str | None, cert: str | None, key: str | None) -> None:
+        for k, f in ((f"{prefix}.cert_file", cert), (f"{prefix}.ca_file", ca)):
+            if f is not None:
+                _pem_certificates(src, k, f)
+        try:
+            ctx = ssl.create_default_context(cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise fail(f"{prefix}.ca_file", "cannot load the CA bundle", exc) from exc
+        if cert and key:
+            try:
+                ctx.load_cert_chain(cert, key)
+            except (OSError, ssl.SSLError) as exc:
+                raise fail(f"{prefix}.key_file", "cannot load the key (or it does not match cert_file)", exc) from exc
+
+    client_side("tls", s.tls.ca_file, s.tls.cert_file, s.tls.key_file)
+    if s.store.backend == "etcd" and s.store.etcd is not None:
+        e = s.store.etcd
+        client_side("store.etcd", e.ca_file, e.cert_file, e.key_file)
+        if e.password_file:
+            try:
+                read_secret(e.password_file)
+            except SecretError as exc:
+                raise ConfigError(src, "store.etcd.password_file", str(exc)) from exc
+    if s.node.ldap_password_file:
+        try:
+            read_secret(s.node.ldap_password_file)
+        except SecretError as exc:
+            raise ConfigError(src, "node.ldap_password_file", str(exc)) from exc
+    a = s.api
+    if a.cert_file and a.key_file:
+        _pem_certificates(src, "api.cert_file", a.cert_file)
+        if a.client_ca_file:
+            _pem_certificates(src, "api.client_ca_file", a.client_ca_file)
+        from .api import server_ssl_context
+
+        try:
+            server_ssl_context(a.cert_file, a.key_file, None)
+        except (OSError, ssl.SSLError) as exc:
+            raise fail("api.key_file", "cannot load the key (or it does not match cert_file)", exc) from exc
+        try:
+            server_ssl_context(a.cert_file, a.key_file, a.client_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise fail("api.client_ca_file", "cannot load the client CA bundle", exc) from exc
+    if a.crl_file and a.client_ca_file:
+        from .api import load_crl
+
+        try:
+            load_crl(a.crl_file, a.client_ca_file)
+        except ValueError as exc:
+            raise ConfigError(src, "api.crl_file", str(exc)) from exc
+
+
+def _pem_certificates(source: str, key: str, path: str) -> None:
+    """At least one PEM certificate, and nothing that does not parse as one."""
+    from cryptography import x509
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(source, key, f"cannot read {path!r}: {exc.strerror or exc}") from exc
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise ConfigError(source, key, f"{path!r} is not a PEM certificate file ({exc})") from exc
+    if not certs:
+        raise ConfigError(source, key, f"{path!r} holds no PEM certificate")
+
+
 def load_settings(path: str | os.PathLike[str], check_files: bool = False) -> Settings:
     p = str(path)
     try:
@@ -496,4 +744,7 @@ def load_settings(path: str | os.PathLike[str], check_files: bool = False) -> Se
         raise ConfigError(p, None, "not valid UTF-8") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(p, None, f"invalid TOML: {exc}") from exc
-    return parse_settings(data, p, check_files)
+    settings = parse_settings(data, p, check_files)
+    if check_files:
+        check_material(settings)
+    return settings

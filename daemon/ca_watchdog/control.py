@@ -102,6 +102,8 @@ async def cluster_status(settings: Settings, store: Store) -> dict[str, Any]:
         "switchover": {"target": flags.switchover.target, "kind": flags.switchover.kind} if flags.switchover else None,
         "members": rows,
         "problems": problems,
+        # cluster.insecure = true: the cleartext URLs it allowed
+        "insecure": list(settings.insecure),
     }
 
 
@@ -134,6 +136,7 @@ def format_status(st: dict[str, Any]) -> str:
     if st["switchover"]:
         out.append(f"pending {st['switchover']['kind']} to {st['switchover']['target']}")
     out += [f"problem: {p}" for p in st["problems"]]
+    out += [f"INSECURE (cluster.insecure = true): cleartext {u}" for u in st.get("insecure", ())]
     return "\n".join(out)
 
 
@@ -151,19 +154,45 @@ def cli_status(args: argparse.Namespace) -> int:
     return 0
 
 
+class RequestRefused(ValueError):
+    """A switchover/failover request that the checks refuse; status 400 (bad input) or 409 (state)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def request_switchover(settings: Settings, store: Store, to: str, kind: str, who: str) -> str:
+    """The checks and the store writes of a switchover or manual failover request, shared by the CLI
+    and the API. Returns what happened; RequestRefused when the request makes no sense."""
+    names = [m.name for m in settings.members]
+    if to not in names:
+        raise RequestRefused(f"--to {to!r} is not a cluster member ({', '.join(names)})")
+    leader = await store.get_leader()
+    if leader is not None and leader.name == to:
+        return f"{to} is already master: nothing to do"
+    if kind == "switchover" and leader is None:
+        raise RequestRefused("no master holds the key; use `ca-watchdog failover --to NAME`", 409)
+    req = await store.request_switchover(to, kind, who)  # type: ignore[arg-type]
+    await store.append_history({"type": kind, "by": req.requested_by, "target": to})
+    return f"{kind} to {to} requested; the daemons carry it out (watch `ca-watchdog status`)"
+
+
+async def set_flag(store: Store, what: str, who: str) -> str:
+    """pause, resume or ack, recorded in the history; shared by the CLI and the API."""
+    if what == "ack":
+        at = await store.ack_cooldown()
+        msg = f"last failover acknowledged at {_ts(at)}: automatic failover allowed again"
+    else:
+        await store.set_paused(what == "pause")
+        msg = "paused: daemons observe and report, never act" if what == "pause" else "resumed"
+    await store.append_history({"type": what, "by": who})
+    return msg
+
+
 def _request(args: argparse.Namespace, kind: str) -> int:
     async def work(settings: Settings, store: Store) -> str:
-        names = [m.name for m in settings.members]
-        if args.to not in names:
-            raise ValueError(f"--to {args.to!r} is not a cluster member ({', '.join(names)})")
-        leader = await store.get_leader()
-        if leader is not None and leader.name == args.to:
-            return f"{args.to} is already master: nothing to do"
-        if kind == "switchover" and leader is None:
-            raise ValueError("no master holds the key; use `ca-watchdog failover --to NAME`")
-        req = await store.request_switchover(args.to, kind, _who())  # type: ignore[arg-type]
-        await store.append_history({"type": kind, "by": req.requested_by, "target": args.to})
-        return f"{kind} to {args.to} requested; the daemons carry it out (watch `ca-watchdog status`)"
+        return await request_switchover(settings, store, args.to, kind, _who())
 
     try:
         print(_with_store(args, work))
@@ -182,14 +211,7 @@ def cli_failover(args: argparse.Namespace) -> int:
 
 def _flag(args: argparse.Namespace, what: str) -> int:
     async def work(settings: Settings, store: Store) -> str:
-        if what == "ack":
-            at = await store.ack_cooldown()
-            msg = f"last failover acknowledged at {_ts(at)}: automatic failover allowed again"
-        else:
-            await store.set_paused(what == "pause")
-            msg = "paused: daemons observe and report, never act" if what == "pause" else "resumed"
-        await store.append_history({"type": what, "by": _who()})
-        return msg
+        return await set_flag(store, what, _who())
 
     try:
         print(_with_store(args, work))

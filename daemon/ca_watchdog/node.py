@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -195,6 +196,24 @@ class LocalCA:
 
 
 async def run_fence_command(argv: Sequence[str], old_master: str, timeout: float) -> None:
-    rc, out = await run_argv([*argv, old_master], timeout)
+    """Run fence_command with `--` and the old master's name appended.
+
+    A fence agent's output can carry its credentials (`-P password`): it goes to the journal only,
+    redacted, never into the exception (which reaches history, errors and the API): that one says
+    the exit status and nothing else."""
+    rc, out = await run_argv([*argv, "--", old_master], timeout)
+    if out.strip():
+        log.info("fence_command output for %s (exit %s): %s", old_master, rc, redact(out[-2000:]))
     if rc != 0:
-        raise NodeError(f"fence_command failed for {old_master} ({rc}): {out[-300:]}")
+        raise NodeError(f"fence_command failed for {old_master} (exit status {rc}; its output is in the journal)")
+
+
+_SECRET_OPTION = re.compile(
+    r"(?i)((?:^|\s)(?:-p|-P|--password|--passwd|--pass|--secret|--token|--api-key)(?:=|\s+))(\S+)"
+)
+_SECRET_ASSIGN = re.compile(r"(?i)\b((?:password|passwd|pass|secret|token|api[_-]?key|community)\s*[=:]\s*)(\S+)")
+
+
+def redact(text: str) -> str:
+    """Mask what looks like a password in a fence agent's output (options and key=value pairs)."""
+    return _SECRET_ASSIGN.sub(r"\1***", _SECRET_OPTION.sub(r"\1***", text))

@@ -17,7 +17,9 @@ Lab ports: 19440-19462. The tests run in file order against one cluster.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
+import socket
 import ssl
 import time
 import urllib.error
@@ -26,9 +28,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from ca_watchdog.lab.cluster import LabCluster
-from ca_watchdog.lab.pki import LabPKIFiles, write_lab_pki
+from ca_watchdog.lab.pki import Issued, LabCA, LabPKIFiles, write_lab_pki
 from ca_watchdog.store import open_store
 from ca_watchdog.store.base import Flags
 
@@ -47,21 +53,39 @@ class Lab:
         return f"https://127.0.0.1:{self.c.nodes[node].api_port}{path}"
 
     def ctx(self, client: str | None = None) -> ssl.SSLContext:
-        """Trusts the lab CA for the server; client None, "agent" (lab CA) or "other" (another CA)."""
+        """Trusts the lab CA for the server; client None, "agent" (lab CA, an operator), "other"
+        (another CA) or one of the extra certificates in CLIENTS (lab CA)."""
         ctx = ssl.create_default_context(cafile=str(self.pki.ca_cert))
         if client == "agent":
             ctx.load_cert_chain(str(self.pki.client_cert), str(self.pki.client_key))
         elif client == "other":
             ctx.load_cert_chain(str(self.other.client_cert), str(self.other.client_key))
+        elif client is not None:
+            ctx.load_cert_chain(str(self.pki.directory / f"{client}.pem"), str(self.pki.directory / f"{client}.key"))
         return ctx
 
     def call(
-        self, node: str, path: str, method: str = "GET", client: str | None = None, body: Any = None
+        self,
+        node: str,
+        path: str,
+        method: str = "GET",
+        client: str | None = None,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
     ) -> tuple[int, bytes]:
-        data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+        data = (
+            raw
+            if raw is not None
+            else json.dumps(body).encode()
+            if body is not None
+            else (b"" if method == "POST" else None)
+        )
         req = urllib.request.Request(self.url(node, path), data=data, method=method)
-        if body is not None:
+        if method == "POST":
             req.add_header("Content-Type", "application/json")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
         try:
             with urllib.request.urlopen(req, context=self.ctx(client), timeout=5) as r:
                 return r.status, r.read()
@@ -97,12 +121,78 @@ class Lab:
         return self.c.wait_for(what, timeout, step=0.25)
 
 
+def _no_eku(ca: LabCA) -> Issued:
+    """A client certificate with no extended key usage at all (OpenSSL accepts it for any purpose)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ca-watchdog lab"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "no usage"),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return Issued(cert, key)
+
+
+def _extra_clients(c: LabCluster) -> None:
+    """More client certificates from the lab CA: a peer, an unlisted one, one without the clientAuth
+    EKU (a server certificate), one listed as operator but revoked by the CRL in api.crl_file."""
+    assert c.pki is not None
+    ca = LabCA.load(c.pki.ca_cert, c.pki.ca_key)
+    d = c.pki.directory
+    peer = ca.issue_client("lab peer")
+    peer.write(d, "peer")
+    ca.issue_client("intruder").write(d, "intruder")
+    ca.issue_server("server-only", ip_addresses=()).write(d, "servercert")
+    _no_eku(ca).write(d, "noeku")
+    revoked = ca.issue_client("revoked operator")
+    revoked.write(d, "revoked")
+    agent = x509.load_pem_x509_certificate(c.pki.client_cert.read_bytes())
+    now = dt.datetime.now(dt.UTC)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=1))
+        .add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(revoked.cert.serial_number).revocation_date(now).build()
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    (d / "clients.crl").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    c.api_options = {
+        "operators": [
+            agent.subject.rfc4514_string(),
+            "sha256:" + revoked.cert.fingerprint(hashes.SHA256()).hex(),
+            "CN=server-only,O=ca-watchdog lab",
+            "CN=no usage,O=ca-watchdog lab",
+        ],
+        "peers": ["sha256:" + agent.fingerprint(hashes.SHA256()).hex(), "CN=lab peer, O=ca-watchdog lab"],
+        "crl_file": str(d / "clients.crl"),
+    }
+    for node in c.nodes.values():
+        node.config.write_text(c._config_text(node))
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     root = tmp_path_factory.mktemp("api-lab")
-    c = LabCluster(root / "cluster", base_port=BASE_PORT)
+    # ca1's daemon runs with the usual soft limit of 1024 descriptors (finding 3)
+    c = LabCluster(root / "cluster", base_port=BASE_PORT, exec_prefix={"ca1": ["prlimit", "--nofile=1024:1024", "--"]})
     c.build()
     other = write_lab_pki(root / "other-pki", "some other CA")
+    _extra_clients(c)
     lab = Lab(c, other)
     try:
         c.start()
@@ -226,6 +316,183 @@ def test_a_switchover_to_a_non_member_is_rejected_with_400(lab: Lab) -> None:
         status, _ = lab.call("ca1", "/switchover", "POST", client="agent", body=body)
         assert status == 400, body
     assert lab.json("ca1", "/cluster")["switchover"] is None
+
+
+# ---- issue 10: hostile input and least privilege ------------------------------------------------------
+
+
+def _unchanged(lab: Lab, before: list[dict[str, Any]]) -> None:
+    time.sleep(0.3)
+    flags = lab.store_flags()
+    assert not flags.paused and flags.switchover is None
+    assert lab.store_history() == before
+
+
+@pytest.mark.parametrize("path", ["/health", "/master", "/clone"])
+def test_issue10_options_and_head_answer_like_get_so_haproxy_httpchk_works(lab: Lab, path: str) -> None:
+    for n in lab.c.names:
+        got = lab.call(n, path)
+        assert lab.call(n, path, "OPTIONS") == got, (n, path)
+        status, body = lab.call(n, path, "HEAD")
+        assert (status, body) == (got[0], b""), (n, path)
+
+
+def test_issue10_options_master_equals_get(lab: Lab) -> None:
+    for n in lab.c.names:
+        assert lab.call(n, "/master", "OPTIONS") == lab.call(n, "/master")
+    assert lab.call("ca1", "/master", "OPTIONS")[0] == 200
+
+
+@pytest.mark.parametrize("action", CONTROL)
+def test_finding5_an_unlisted_certificate_from_the_client_ca_is_refused_with_403(lab: Lab, action: str) -> None:
+    before = lab.store_history()
+    status, body = lab.call("ca1", f"/{action}", "POST", client="intruder", body=_body(action))
+    assert status == 403, (status, body)
+    assert b"CN=intruder" in body and b"not listed in api.operators" in body
+    assert lab.call("ca1", "/failsafe", client="intruder")[0] == 403
+    _unchanged(lab, before)
+
+
+def test_finding5_a_peer_certificate_may_ask_failsafe_only(lab: Lab) -> None:
+    before = lab.store_history()
+    status, body = lab.call("ca2", "/failsafe", client="peer")
+    assert status == 200 and json.loads(body)["member"] == "ca2"
+    for action in CONTROL:
+        status, body = lab.call("ca2", f"/{action}", "POST", client="peer", body=_body(action))
+        assert status == 403 and b"may call /failsafe only" in body, (action, status, body)
+    _unchanged(lab, before)
+
+
+def test_finding5_a_listed_certificate_without_the_client_auth_eku_is_refused(lab: Lab) -> None:
+    before = lab.store_history()
+    # no EKU at all: OpenSSL lets it through the handshake, the API refuses it
+    status, body = lab.call("ca1", "/pause", "POST", client="noeku")
+    assert status == 403 and b"clientAuth" in body, (status, body)
+    # serverAuth only: OpenSSL already refuses it as a client certificate (handshake fails)
+    with pytest.raises((OSError, ssl.SSLError)):
+        lab.call("ca1", "/pause", "POST", client="servercert")
+    _unchanged(lab, before)
+
+
+def test_finding5_a_listed_operator_certificate_revoked_by_the_crl_is_refused(lab: Lab) -> None:
+    before = lab.store_history()
+    status, body = lab.call("ca3", "/pause", "POST", client="revoked")
+    assert status == 403 and b"revoked" in body, (status, body)
+    _unchanged(lab, before)
+
+
+def test_finding6_a_text_plain_post_is_refused_with_415(lab: Lab) -> None:
+    before = lab.store_history()
+    for action in CONTROL:
+        status, body = lab.call(
+            "ca1", f"/{action}", "POST", client="agent", raw=b'{"to": "ca2"}', headers={"Content-Type": "text/plain"}
+        )
+        assert status == 415 and b"application/json" in body, (action, status, body)
+    _unchanged(lab, before)
+
+
+def test_finding6_a_foreign_origin_is_refused_with_403(lab: Lab) -> None:
+    before = lab.store_history()
+    for origin in ("https://evil.example", "null", "http://127.0.0.1:80"):
+        status, body = lab.call(
+            "ca1", "/switchover", "POST", client="agent", body={"to": "ca2"}, headers={"Origin": origin}
+        )
+        assert status == 403 and b"cross-origin" in body, (origin, status, body)
+    status, _ = lab.call("ca1", "/pause", "POST", client="agent", body={}, headers={"Sec-Fetch-Site": "cross-site"})
+    assert status == 403
+    _unchanged(lab, before)
+
+
+def test_finding9_bad_json_to_a_post_endpoint_is_a_short_400_and_no_traceback(lab: Lab) -> None:
+    log = lab.c.nodes["ca2"].daemon_log
+    size = log.stat().st_size
+    before = lab.store_history()
+    for raw in (b"{not json", b"[" * 5000 + b"]" * 5000, b"\xff\xfe"):
+        status, body = lab.call("ca2", "/switchover", "POST", client="agent", raw=raw)
+        assert status == 400 and body == b"the body is not valid JSON\n", (raw[:10], status, body)
+    _unchanged(lab, before)
+    with open(log, "rb") as f:
+        f.seek(size)
+        assert b"Traceback" not in f.read()
+
+
+def _idle_tls(port: int, lab: Lab) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return lab.ctx("agent").wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_finding3_1100_idle_connections_leave_health_answering_within_2s(lab: Lab) -> None:
+    port = lab.c.nodes["ca1"].api_port
+    log = lab.c.nodes["ca1"].daemon_log
+    size = log.stat().st_size
+    tls = [_idle_tls(port, lab) for _ in range(20)]  # handshake done, no request
+    opened = time.monotonic()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(1100):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            idle.append(s)
+        time.sleep(1.0)  # let the daemon accept them all
+        timings = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            status, body = lab.call("ca1", "/health")
+            timings.append(time.monotonic() - t0)
+            assert status == 200, body
+        print(f"/health under 1,100 idle connections + 20 idle TLS: {[round(t, 3) for t in timings]} s")
+        assert max(timings) < 2.0, timings
+        # the TLS connections that never sent a request are closed within request_head_timeout (5 s)
+        closed_at = []
+        for t in tls:
+            t.settimeout(max(0.1, opened + 12 - time.monotonic()))
+            try:
+                data = t.recv(1)
+            except (ssl.SSLError, OSError):
+                data = b""
+            assert data == b"", "an idle TLS connection sent data"
+            closed_at.append(time.monotonic() - opened)
+        print(f"idle TLS connections closed after {min(closed_at):.1f}-{max(closed_at):.1f} s")
+        assert max(closed_at) < 10.0
+        # the daemon kept cycling and its CA was never reported down
+        v = lab.json("ca1", "/cluster")
+        assert v["decision"]["action"] in ("renew", "wait") and v["members"][0]["ca_status"] == "running"
+    finally:
+        for s in idle:
+            s.close()
+        for t in tls:
+            t.close()
+    time.sleep(1.0)
+    grown = log.stat().st_size - size
+    with open(log, "rb") as f:
+        f.seek(size)
+        text = f.read()
+    print(f"daemon log grew {grown} bytes")
+    assert b"Traceback" not in text and grown < 20_000, text[-2000:]
+    assert lab.call("ca1", "/health")[0] == 200
+
+
+def test_finding3_a_connection_that_sends_no_request_is_closed_within_the_head_timeout(lab: Lab) -> None:
+    port = lab.c.nodes["ca2"].api_port
+    opened = time.monotonic()
+    tls = [_idle_tls(port, lab) for _ in range(3)]  # TLS handshake done, then nothing
+    raw = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]  # not even a handshake
+    closed = []
+    for s in [*tls, *raw]:
+        s.settimeout(15)
+        try:
+            data = s.recv(1)
+        except (ssl.SSLError, OSError):
+            data = b""
+        assert data == b""
+        closed.append(time.monotonic() - opened)
+        s.close()
+    print(
+        f"connections without a request closed after {min(closed):.1f}-{max(closed):.1f} s (request_head_timeout 5 s)"
+    )
+    assert min(closed) > 4.0 and max(closed) < 11.0, closed
+    assert lab.call("ca2", "/health")[0] == 200
 
 
 # ---- control calls: accepted -------------------------------------------------------------------------------

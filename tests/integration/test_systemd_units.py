@@ -107,7 +107,10 @@ def problems(units: Path) -> list[str]:
         "ProtectHome: yes\n",
         "PrivateTmp: yes\n",
         "CapabilityBoundingSet: cap_chown cap_dac_override cap_fowner\n",
-        "ReadWritePaths: /etc/pki /var/lib/ca-watchdog\n",
+        # issue 10, finding 12: only the instance's ca/ directory and the state directory
+        "ReadWritePaths: /etc/pki/pki-tomcat/ca /var/lib/ca-watchdog\n",
+        "InaccessiblePaths: -/etc/pki/pki-tomcat/alias -/etc/pki/pki-tomcat/password.conf"
+        " -/etc/ca-watchdog/credentials\n",
         "StateDirectory: ca-watchdog\n",
         f"Command Line: {bindir}/ca-watchdog run --config /etc/ca-watchdog/config.toml\n",
     ):
@@ -144,8 +147,8 @@ def test_the_service_is_a_hardened_notify_service_with_a_watchdog() -> None:
         assert any(dep in v.split() for v in s["After"])
         assert any(dep in v.split() for v in s["Wants"])
     assert s["ProtectSystem"] == ["strict"]
-    # only what it writes: CS.cfg (and backups) under /etc/pki, the SQLite store
-    assert sorted(" ".join(s["ReadWritePaths"]).split()) == ["/etc/pki", "/var/lib/ca-watchdog"]
+    # only what it writes: CS.cfg (and backups) in the instance's ca/, the SQLite store (finding 12)
+    assert sorted(" ".join(s["ReadWritePaths"]).split()) == ["/etc/pki/pki-tomcat/ca", "/var/lib/ca-watchdog"]
     assert s["StateDirectory"] == ["ca-watchdog"]
     for key in ("ProtectHome", "PrivateTmp", "NoNewPrivileges"):
         assert s[key] == ["yes"], key
@@ -154,6 +157,17 @@ def test_the_service_is_a_hardened_notify_service_with_a_watchdog() -> None:
     # systemctl must still reach PID 1 over AF_UNIX; UID 0 must stay UID 0
     assert "AF_UNIX" in " ".join(s["RestrictAddressFamilies"]).split()
     assert "PrivateUsers" not in s and "User" not in s and "DynamicUser" not in s
+
+
+def test_finding12_the_service_hides_keys_and_other_credentials_and_bounds_its_resources() -> None:
+    s = _settings(SERVICE.read_text())
+    hidden = " ".join(s["InaccessiblePaths"]).split()
+    for path in ("/etc/pki/pki-tomcat/alias", "/etc/pki/pki-tomcat/password.conf", "/etc/ca-watchdog/credentials"):
+        assert f"-{path}" in hidden, path
+    assert s["PrivateMounts"] == ["yes"]
+    assert s["LimitNOFILE"] == ["65536"]
+    assert s["MemoryMax"] and s["MemoryMax"][0] not in ("infinity", "")
+    assert s["TasksMax"] and s["TasksMax"][0] not in ("infinity", "")
 
 
 def test_the_service_keeps_a_low_systemd_security_exposure(tmp_path: Path) -> None:

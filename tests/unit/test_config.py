@@ -33,7 +33,7 @@ MINIMAL: dict[str, Any] = {
     "node": {"name": "ca1"},
     "cluster": {
         "members": [
-            {"name": "ca1", "agent_url": "https://ca1:8443", "ldap_url": "ldap://ca1:389"},
+            {"name": "ca1", "agent_url": "https://ca1:8443", "ldap_url": "ldap://127.0.0.1:389"},
             {"name": "ca2", "agent_url": "https://ca2:8443", "ldap_url": "ldaps://ca2"},
         ]
     },
@@ -182,14 +182,14 @@ BAD: list[tuple[str, Any, str, str]] = [
     ("store.etcd", {"endpoints": [2379]}, "store.etcd.endpoints", "non-empty list of URLs"),
     ("store.etcd", {"endpoints": ["e:2379"]}, "store.etcd.endpoints", "not an http(s) URL"),
     ("store.etcd", {"endpoints": ["http://e:0x"]}, "store.etcd.endpoints", "bad port"),
-    ("store.etcd", {"endpoints": ["http://e"], "prefix": "ca"}, "store.etcd.prefix", "start and end with '/'"),
-    ("store.etcd", {"endpoints": ["http://e"], "cert_file": "/c"}, "store.etcd.key_file", "go together"),
-    ("store.etcd", {"endpoints": ["http://e"], "key_file": "/k"}, "store.etcd.cert_file", "go together"),
-    ("store.etcd", {"endpoints": ["http://e"], "username": "u"}, "store.etcd.password_file", "go together"),
-    ("store.etcd", {"endpoints": ["http://e"], "token": "t"}, "store.etcd.token", "unknown key"),
+    ("store.etcd", {"endpoints": ["http://localhost"], "prefix": "ca"}, "store.etcd.prefix", "start and end with '/'"),
+    ("store.etcd", {"endpoints": ["http://localhost"], "cert_file": "/c"}, "store.etcd.key_file", "go together"),
+    ("store.etcd", {"endpoints": ["http://localhost"], "key_file": "/k"}, "store.etcd.cert_file", "go together"),
+    ("store.etcd", {"endpoints": ["http://localhost"], "username": "u"}, "store.etcd.password_file", "go together"),
+    ("store.etcd", {"endpoints": ["http://localhost"], "token": "t"}, "store.etcd.token", "unknown key"),
     ("store.sqlite", {}, "store.sqlite", "unknown key"),
-    ("timing.interval", 0, "timing.interval", "must be > 0"),
-    ("timing.interval", -1.0, "timing.interval", "must be > 0"),
+    ("timing.interval", 0, "timing.interval", "must be between 0.1 and 300 seconds"),
+    ("timing.interval", -1.0, "timing.interval", "must be between"),
     ("timing.interval", "2s", "timing.interval", "must be a number"),
     ("timing.interval", True, "timing.interval", "not a boolean"),
     ("timing.interval", float("nan"), "timing.interval", "finite"),
@@ -198,14 +198,14 @@ BAD: list[tuple[str, Any, str, str]] = [
     ("timing.store_timeout", 14.0, "timing.ttl", "interval + 2*store_timeout must be < ttl"),
     ("timing.interval", 26.0, "timing.ttl", "interval + 2*store_timeout must be < ttl"),
     ("timing.safety_margin", 28.0, "timing.safety_margin", "must be < ttl - interval"),
-    ("timing.safety_margin", 0, "timing.safety_margin", "must be > 0"),
+    ("timing.safety_margin", 0, "timing.safety_margin", "must be between"),
     ("timing.agent_timeout", 30.0, "timing.agent_timeout", "shorter than ttl"),
     ("timing.ldap_timeout", 31.0, "timing.ldap_timeout", "shorter than ttl"),
     ("timing.failure_threshold", 0, "timing.failure_threshold", "between 1 and 100"),
     ("timing.failure_threshold", 2.0, "timing.failure_threshold", "must be an integer"),
-    ("timing.start_timeout", 0, "timing.start_timeout", "must be > 0"),
+    ("timing.start_timeout", 0, "timing.start_timeout", "must be between"),
     ("timing.ttll", 30, "timing.ttll", "unknown key"),
-    ("failover.maximum_lag", -1, "failover.maximum_lag", "must be >= 0"),
+    ("failover.maximum_lag", -1, "failover.maximum_lag", "must be between 0 and 86400"),
     ("failover.failover_cooldown", float("inf"), "failover.failover_cooldown", "finite"),
     ("failover.restart_before_failover", "no", "failover.restart_before_failover", "true or false"),
     ("failover.fence_command", "stonith", "failover.fence_command", "a list of strings"),
@@ -297,12 +297,12 @@ def test_check_files(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             parse_settings(with_(path, str(tmp_path / "missing"), data), check_files=True)
         assert err.value.key == key
-    # a bare credential name is resolved at run time in $CREDENTIALS_DIRECTORY
-    assert parse_settings(with_("node.ldap_password_file", "ldap-pw", data), check_files=True)
+    # a bare credential name is resolved in $CREDENTIALS_DIRECTORY, as `run` does (finding 8)
     assert parse_settings(with_("tls.ca_file", str(tmp_path / "missing"), data)).tls.ca_file
 
 
 def test_read_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     (tmp_path / "pw").write_text("s3cret\n")
     assert read_secret(str(tmp_path / "pw")) == "s3cret"
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .. import cscfg
-from ..config import Settings, load_settings
+from ..config import Settings, is_loopback, load_settings
 from ..probes.agent import AgentProbe
 from .dslab import DSLab
 from .pki import LabPKIFiles, write_lab_pki
@@ -135,6 +136,8 @@ class LabCluster:
     # its CA's start/stop commands), e.g. ["ip", "netns", "exec", "ns1"] to run a node in a namespace
     hosts: dict[str, str] = field(default_factory=dict)
     exec_prefix: dict[str, list[str]] = field(default_factory=dict)
+    # extra [api] keys (operators, peers, crl_file, max_connections, ...)
+    api_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -235,7 +238,12 @@ class LabCluster:
             f"cert_file = {_toml(str(self.pki.server_cert))}",
             f"key_file = {_toml(str(self.pki.server_key))}",
             f"client_ca_file = {_toml(str(self.pki.ca_cert))}",
+            *(f"{k} = {_toml(v)}" for k, v in self._api_options().items()),
         ]
+        if self.etcd_endpoint and self.etcd_endpoint.startswith("http://"):
+            host = urlsplit(self.etcd_endpoint).hostname or ""
+            if not is_loopback(host):  # the lab's etcd speaks plain HTTP (a netns address in the partition tests)
+                lines += ["", "[cluster]", "insecure = true"]
         for n, other in self.nodes.items():
             lines += [
                 "",
@@ -248,6 +256,20 @@ class LabCluster:
             if self.ds is not None:
                 lines.append(f"ldap_url = {_toml(self.ds.ldap_url(n))}")
         return "\n".join(lines) + "\n"
+
+    def _api_options(self) -> dict[str, Any]:
+        """The lab agent certificate is every node's peer identity and the operators' (issue 10:
+        state-changing calls need an allow-listed certificate); `api_options` adds or overrides keys."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
+        assert self.pki is not None
+        cert = x509.load_pem_x509_certificate(self.pki.client_cert.read_bytes())
+        options: dict[str, Any] = {
+            "operators": [cert.subject.rfc4514_string()],
+            "peers": ["sha256:" + cert.fingerprint(hashes.SHA256()).hex()],
+        }
+        return {**options, **self.api_options}
 
     def settings(self, name: str) -> Settings:
         return load_settings(self.nodes[name].config)
