@@ -257,7 +257,16 @@ def cli_bootstrap(args: argparse.Namespace) -> int:
             raise ValueError(f"--master {args.master!r} is not a cluster member ({', '.join(names)})")
         if await store.get_leader() is not None:
             raise ValueError("a master already holds the key; use switchover")
-        rec = await store.acquire_leader(args.master, settings.timing.ttl, f"bootstrap by {_who()}")
+        last = await store.get_epoch()
+        if last > 0:
+            # bootstrap is for an empty store: with a master before, its CA may still serve as one
+            raise ValueError(
+                f"this store has had a master (epoch {last}): bootstrap is for an empty store only; "
+                "use `ca-watchdog failover --to NAME`, which checks that the old master no longer serves"
+            )
+        rec = await store.acquire_leader(
+            args.master, settings.timing.ttl, f"bootstrap by {_who()}", kind="bootstrap", expect_epoch=0
+        )
         if rec is None:
             raise ValueError("another member took the key meanwhile")
         await store.append_history(

@@ -286,7 +286,9 @@ def _without_leader(v: ClusterView) -> Decision:
             target=v.me,
             kind="resume",
         )
-    if _serving_as_master(local) and local.cscfg_role == MASTER:
+    stopped_master = local.ca_status == CA_DOWN and local.ca_down_streak >= v.policy.failure_threshold
+    if local.cscfg_role == MASTER and (_serving_as_master(local) or stopped_master):
+        # a stopped CA with a master CS.cfg too: nothing may start it as master, and as a clone it can run
         if v.control.paused:
             return Decision(
                 Action.WAIT, "paused: my CS.cfg is master but I do not hold the key; would stop being master"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -108,3 +109,18 @@ def test_store_that_cannot_be_opened_is_a_clear_error_not_a_traceback(tmp_path: 
     out = cli(cfg, "status")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "ca-watchdog:" in out.stdout + out.stderr
+
+
+async def test_defect2_bootstrap_is_refused_on_a_store_that_has_had_a_master(config: Path) -> None:
+    # ca1 was master (epoch 1) and its lease ended; its CA may still serve as master: bootstrapping ca2
+    # would make two masters. Only `failover --to`, with its checks, may move the role now.
+    s = load_settings(config)
+    async with open_store(s.store, [m.name for m in s.members], 2.0) as store:
+        rec = await store.acquire_leader("ca1", 1.0, "bootstrap", kind="bootstrap")
+        assert rec is not None
+    await asyncio.sleep(1.2)  # the lease ends; the key is free again
+    out = cli(config, "bootstrap", "--master", "ca2")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "has had a master (epoch 1)" in out.stderr and "failover --to" in out.stderr
+    async with open_store(s.store, [m.name for m in s.members], 2.0) as store:
+        assert await store.get_leader() is None and await store.get_epoch() == 1
