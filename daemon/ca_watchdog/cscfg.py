@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import re
 import secrets
@@ -59,6 +60,8 @@ _ISSUING_POINT_KEY = re.compile(r"^ca\.crl\.([^.]*)\.(.+)$")
 # what Java's Integer.parseInt accepts (str.isdigit would also take "²" and "٣")
 _JAVA_INT = re.compile(r"[+-]?[0-9]+")
 _POSITIVE_INT = re.compile(r"[1-9][0-9]{0,8}")
+# a real CA has one or a few (MasterCRL, sometimes a second); the transforms touch every one
+MAX_ISSUING_POINTS = 64
 
 
 class CSCfgError(ValueError):
@@ -110,19 +113,21 @@ class CSCfg:
     lines: tuple[Line, ...]
 
     # ---- reading -------------------------------------------------------------------------
+    @functools.cached_property
+    def _effective(self) -> dict[str, tuple[int, str | None]]:
+        """key -> (1-based line, value) of its last occurrence: one pass, so that classifying a
+        file with many keys stays linear."""
+        return {line.key: (n, line.value) for n, line in enumerate(self.lines, 1) if line.key is not None}
+
     def get(self, key: str) -> str | None:
         """Effective value: the last occurrence wins, as in Dogtag."""
-        for line in reversed(self.lines):
-            if line.key == key:
-                return line.value
-        return None
+        found = self._effective.get(key)
+        return found[1] if found else None
 
     def lineno(self, key: str) -> int | None:
         """1-based line number of the effective (last) occurrence of key."""
-        for n in range(len(self.lines), 0, -1):
-            if self.lines[n - 1].key == key:
-                return n
-        return None
+        found = self._effective.get(key)
+        return found[0] if found else None
 
     def keys(self) -> list[str]:
         seen: dict[str, None] = {}
@@ -421,6 +426,11 @@ def classify(cfg: CSCfg) -> RoleReport:
     problems: list[str] = []
     warnings: list[str] = []
     points: list[IssuingPoint] = []
+    if len(cfg.issuing_points()) > MAX_ISSUING_POINTS:
+        return RoleReport(
+            Role.INCONSISTENT, (), None, None, None, None,
+            problems=(f"more than {MAX_ISSUING_POINTS} CRL issuing points (not a CA's CS.cfg)",),
+        )  # fmt: skip
     for ip in cfg.issuing_points():
         enable = _bool(cfg, f"ca.crl.{ip}.enable", True, problems)
         cache = _bool(cfg, f"ca.crl.{ip}.enableCRLCache", True, problems)
@@ -551,6 +561,8 @@ def _crl_block(master_crl_lines: Sequence[str], newline: str, origin: str) -> li
     points = probe.issuing_points()
     if not points:
         raise CSCfgError(origin, None, "the master's ca.crl. block has no issuing point")
+    if len(points) > MAX_ISSUING_POINTS:
+        raise CSCfgError(origin, None, f"the master's ca.crl. block has more than {MAX_ISSUING_POINTS} issuing points")
     for ip in points:
         for flag in ("enableCRLCache", "enableCRLUpdates"):
             key = f"ca.crl.{ip}.{flag}"
@@ -620,6 +632,8 @@ def demote(master: CSCfg, new_master_host: str, new_master_port: int | str) -> C
     port = int(port_text) if re.fullmatch(r"[0-9]{1,5}", port_text) else 0
     if not 0 < port < 65536:
         raise ValueError(f"invalid new master port {new_master_port!r}")
+    if len(master.issuing_points()) > MAX_ISSUING_POINTS:
+        raise CSCfgError(master.path, None, f"more than {MAX_ISSUING_POINTS} CRL issuing points; refusing to demote")
     if not master.issuing_points():
         # not a CS.cfg at all (a symlink to another file, a truncated file): never append role keys to it
         raise CSCfgError(

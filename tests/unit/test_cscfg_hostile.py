@@ -269,3 +269,17 @@ def test_finding11_a_unicode_blank_before_a_key_is_refused(blank: str) -> None:
     # Java skips only space, tab and form feed before a key: it would read a different key
     with pytest.raises(CSCfgError, match="whitespace in key"):
         parse(f"a=1\n{blank}ca.crl.MasterCRL.enableCRLUpdates=true\n")
+
+
+def test_finding4_a_file_under_the_cap_with_many_keys_is_classified_in_linear_time(tmp_path: Path) -> None:
+    # 4 MiB of distinct issuing points: one quadratic lookup per key would hold the event loop for hours
+    line = "ca.crl.IP{:06d}.enableCRLCache=true\n"
+    count = (cscfg.MAX_CSCFG_BYTES - 100) // len(line.format(0))
+    path = tmp_path / "CS.cfg"
+    path.write_text("".join(line.format(i) for i in range(count)))
+    t0 = time.monotonic()
+    report = classify(read_cscfg(path))
+    assert time.monotonic() - t0 < 3.0
+    assert report.role is Role.INCONSISTENT and "more than 64 CRL issuing points" in report.problems[0]
+    with pytest.raises(CSCfgError, match="more than 64"):
+        demote(read_cscfg(path), "ca2", 8443)
