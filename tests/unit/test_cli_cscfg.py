@@ -207,13 +207,17 @@ def test_inconsistent_file_is_repaired_by_an_explicit_demote(tmp_path: Path) -> 
     assert classify(read_cscfg(path)).role is Role.CLONE
 
 
-def test_symlinked_path_stays_a_link(tmp_path: Path) -> None:
+def test_finding2_a_symlinked_path_is_refused_and_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     real = copy(tmp_path, "CS.cfg.master.sample")
     link = tmp_path / "link.cfg"
     link.symlink_to(real)
-    assert main(["cscfg", "demote", str(link), "--new-master", "ca2.example.com:8443"]) == 0
-    assert link.is_symlink()
-    assert classify(read_cscfg(real)).role is Role.CLONE
+    snap = Snapshot(real)
+    assert main(["cscfg", "demote", str(link), "--new-master", "ca2.example.com:8443"]) == 2
+    assert "symlink" in capsys.readouterr().err
+    assert link.is_symlink() and snap.unchanged()
+    assert classify(read_cscfg(real)).role is Role.MASTER
 
 
 # ---- already in the requested role: exit 0, "nothing to do", nothing written ------------------------

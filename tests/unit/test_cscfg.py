@@ -519,9 +519,9 @@ def test_unified_diff() -> None:
     nofinal = parse("a=1\nb=2", "x")
     diff = unified_diff(nofinal, demote(parse("a=1\nb=2\nca.crl.M.class=c", "x"), "h", 1))
     assert "\\ No newline at end of file" in diff
-    # a form feed inside a value must not split a diff line
-    ff = parse("a=x\x0cy\nca.crl.M.class=c\n", "ff")
-    assert "\n+a=x\x0cy" not in unified_diff(ff, demote(ff, "h", 1))
+    # a form feed inside a line is refused outright (finding 11), so it can never split a diff line
+    with pytest.raises(CSCfgError):
+        parse("a=x\x0cy\nca.crl.M.class=c\n", "ff")
 
 
 def test_changed_role_keys() -> None:

@@ -25,9 +25,11 @@ ip_ids = st.text(
     max_size=12,
 )
 unrelated_keys = st.from_regex(r"[A-Za-z!][A-Za-z0-9_.\-]{0,24}", fullmatch=True).filter(lambda k: not is_role_key(k))
+# every character that ends a line for Java (CR, LF) or for pki.util.load_properties (str.splitlines)
+LINE_BREAKS = "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 # values: anything on one line; trailing whitespace, '=', ':', '#' and non-ASCII included
 values = st.text(
-    alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="\r\n\x00"),
+    alphabet=st.characters(exclude_categories=("Cs",), exclude_characters=LINE_BREAKS + "\x00"),
     max_size=30,
 ).filter(lambda v: (len(v) - len(v.rstrip("\\"))) % 2 == 0)
 comments = st.builds(lambda indent, text: indent + "#" + text, st.sampled_from(["", " ", "\t"]), values)
@@ -154,7 +156,7 @@ def test_demote_then_promote_gives_a_master_and_promote_then_demote_a_clone(doc:
 
 # a line that Dogtag's Python reader refuses: not blank, not a comment, no '='
 bad_lines = st.text(
-    alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="\r\n\x00="),
+    alphabet=st.characters(exclude_categories=("Cs",), exclude_characters=LINE_BREAKS + "\x00="),
     min_size=1,
     max_size=30,
 ).filter(lambda s: s.strip() != "" and not s.strip().startswith("#"))

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,24 +52,32 @@ def test_write_replaces_content_and_makes_a_backup(instance: Path) -> None:
     assert leftovers(instance.parent) == []
 
 
-def test_symlinked_cscfg_stays_a_link_and_the_real_file_is_replaced(instance: Path, tmp_path: Path) -> None:
-    # /var/lib/pki/pki-tomcat/conf -> /etc/pki/pki-tomcat, and a file link on top
+def test_a_directory_symlink_that_only_root_can_change_is_followed(instance: Path, tmp_path: Path) -> None:
+    # /var/lib/pki/pki-tomcat/conf -> /etc/pki/pki-tomcat, in a directory that only root can write
     var = tmp_path / "var" / "lib" / "pki" / "pki-tomcat"
     var.mkdir(parents=True)
     (var / "conf").symlink_to(instance.parent.parent, target_is_directory=True)
-    file_link = tmp_path / "CS.cfg.link"
-    file_link.symlink_to(var / "conf" / "ca" / "CS.cfg")
-    for link in (var / "conf" / "ca" / "CS.cfg", file_link):
-        cfg = read_cscfg(link)
-        new = demote(cfg, f"{link.name}.example.com", 8443)
-        result = write_cscfg(new, link)
-        assert result.path == str(instance)
-        assert (var / "conf").is_symlink() and file_link.is_symlink()
-        assert os.readlink(file_link) == str(var / "conf" / "ca" / "CS.cfg")
-        assert not instance.is_symlink()
-        assert instance.read_bytes() == new.render()
-        assert Path(result.backup).parent == instance.parent  # next to the real file
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("CS.cfg")] == ["CS.cfg.link"]
+    link = var / "conf" / "ca" / "CS.cfg"
+    cfg = read_cscfg(link)
+    new = demote(cfg, "ca2.example.com", 8443)
+    result = write_cscfg(new, link)
+    assert result.path == str(link)
+    assert (var / "conf").is_symlink()
+    assert not instance.is_symlink()
+    assert instance.read_bytes() == new.render()
+    assert Path(result.backup).parent.resolve() == instance.parent  # next to the real file
+
+
+def test_finding2_a_symlinked_cscfg_is_refused_and_its_target_untouched(instance: Path, tmp_path: Path) -> None:
+    link = tmp_path / "CS.cfg.link"
+    link.symlink_to(instance)
+    before = instance.read_bytes()
+    new = demote(cscfg.parse(before, str(link)), "ca2.example.com", 8443)
+    with pytest.raises(CSCfgWriteError) as err:
+        write_cscfg(new, link)
+    assert "symlink" in str(err.value) and str(link) in str(err.value)
+    assert instance.read_bytes() == before and link.is_symlink()
+    assert backups(instance.parent) == [] and backups(tmp_path) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
@@ -146,12 +153,12 @@ def test_a_failure_in_the_middle_leaves_the_original(
 
     # fail only on the temporary file (the backup is written with the same calls)
     made: list[object] = []
-    real_mkstemp = tempfile.mkstemp
+    real_make_temp = cscfg._make_temp
 
-    def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
-        fd, path = real_mkstemp(*args, **kwargs)
-        made.extend((fd, path))
-        return fd, path
+    def make_temp(dfd: int, name: str) -> tuple[int, str]:
+        fd, tmp = real_make_temp(dfd, name)
+        made.extend((fd, tmp))
+        return fd, tmp
 
     real = getattr(os, target.split(".")[1])
 
@@ -160,7 +167,7 @@ def test_a_failure_in_the_middle_leaves_the_original(
             raise OSError(errno.EIO, "Input/output error")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(cscfg, "_make_temp", make_temp)
     monkeypatch.setattr(target, fail_on_temp)
     with pytest.raises(CSCfgWriteError) as err:
         write_cscfg(new)
@@ -254,15 +261,15 @@ def test_directory_fsync_failure_says_the_new_file_is_in_place(instance: Path, m
 def test_a_dangling_link_or_a_directory_is_refused(tmp_path: Path) -> None:
     link = tmp_path / "CS.cfg"
     link.symlink_to(tmp_path / "missing")
-    cfg = cscfg.parse("a=1\n", str(link))
+    cfg = cscfg.parse("a=1\nca.crl.M.class=c\n", str(link))
     with pytest.raises(CSCfgWriteError) as err:
         write_cscfg(cfg)
-    assert "No such file" in str(err.value)
+    assert "symlink" in str(err.value)
     assert link.is_symlink() and not (tmp_path / "missing").exists()
     (tmp_path / "dir").mkdir()
     with pytest.raises(CSCfgWriteError) as err:
         write_cscfg(cfg, tmp_path / "dir")
-    assert "not a regular file" in str(err.value)
+    assert "is a directory (it must be a regular file)" in str(err.value)
 
 
 def test_selinux_label_is_copied_when_the_file_has_one(instance: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,9 +19,11 @@ import ssl
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import Literal
+from typing import Literal, TypeVar
+from xml.parsers import expat
 
 import aiohttp
 
@@ -35,7 +37,10 @@ FUNCTIONAL_PATH = "/ca/rest/certs?size=1"
 # accepts connections and says nothing for about 10 s (real 10.10: no `starting` status is ever sent)
 REASON_REFUSED = "connection refused"
 REASON_NO_ANSWER = "timeout"
-_DIGITS = re.compile(r"[0-9]+")
+# ASCII digits only (str.isdigit would take "²", which int() then refuses), and bounded: int() of
+# more than 4300 digits raises. A CRL number is at most 20 octets (RFC 5280): 49 decimal digits.
+_PORT = re.compile(r"[0-9]{1,5}")
+_CRL_NUMBER = re.compile(r"[0-9]{1,49}")
 MAX_BODY = 256 * 1024  # getStatus/getInfo answers are tiny; never buffer an endless body
 
 StatusValue = Literal["running", "starting", "down"]
@@ -77,15 +82,68 @@ class StatusDoc:
 # ---- parsing (pure) ---------------------------------------------------------------------------
 
 
+class BadAnswer(ValueError):
+    """An answer that is not what Dogtag sends; the only exception the parsers here raise."""
+
+
+_T = TypeVar("_T")
+
+
+def _only_bad_answer(parse: Callable[[bytes], _T]) -> Callable[[bytes], _T]:
+    """Whatever a hostile body makes a parser trip over (deep nesting, odd types), it is a BadAnswer."""
+
+    def wrapper(body: bytes) -> _T:
+        try:
+            return parse(body)
+        except BadAnswer:
+            raise
+        except Exception as exc:  # RecursionError, TypeError, ...: still only a bad answer
+            raise BadAnswer(f"unparseable body ({type(exc).__name__})") from None
+
+    wrapper.__name__ = parse.__name__
+    wrapper.__doc__ = parse.__doc__
+    return wrapper
+
+
+class _Declared(Exception):
+    pass
+
+
+def _refuse(*_args: object) -> None:
+    raise _Declared
+
+
+def _refuse_dtd(body: bytes) -> None:
+    """Run expat over the body with handlers that refuse a DOCTYPE and any entity or notation
+    declaration, in whatever encoding the document declares (UTF-16 included)."""
+    parser = expat.ParserCreate()
+    parser.StartDoctypeDeclHandler = _refuse
+    parser.EntityDeclHandler = _refuse
+    parser.UnparsedEntityDeclHandler = _refuse
+    parser.NotationDeclHandler = _refuse
+    parser.ExternalEntityRefHandler = _refuse  # type: ignore[assignment]
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    try:
+        parser.Parse(body, True)
+    except _Declared:
+        raise BadAnswer("XML with a DTD or entity declarations is refused") from None
+    except (expat.ExpatError, ValueError) as exc:
+        raise BadAnswer(f"invalid XML: {exc}") from None
+
+
 def safe_xml(body: bytes) -> ET.Element:
-    """Parse XML that has no DTD: no entities, so no entity expansion or external fetches."""
+    """Parse XML that has no DTD: no entities, so no entity expansion or external fetches.
+
+    A byte search for `<!DOCTYPE` misses a UTF-16 document, so expat itself checks first.
+    """
     head = body.lower()
     if b"<!doctype" in head or b"<!entity" in head:
-        raise ValueError("XML with a DTD or entity declarations is refused")
+        raise BadAnswer("XML with a DTD or entity declarations is refused")
+    _refuse_dtd(body)
     try:
         return ET.fromstring(body)
-    except ET.ParseError as exc:
-        raise ValueError(f"invalid XML: {exc}") from None
+    except (ET.ParseError, ValueError) as exc:
+        raise BadAnswer(f"invalid XML: {exc}") from None
 
 
 def _text(el: ET.Element | None) -> str | None:
@@ -94,8 +152,22 @@ def _text(el: ET.Element | None) -> str | None:
     return el.text.strip()
 
 
+def _field(value: object, what: str) -> str | None:
+    """A scalar field of a getStatus answer as text; anything else is a bad answer (never str() of a
+    nested structure: that recurses)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise BadAnswer(f"{what} is not a string")
+    text = str(value)
+    if len(text) > 200:
+        raise BadAnswer(f"{what} is longer than 200 characters")
+    return text
+
+
+@_only_bad_answer
 def parse_status_body(body: bytes) -> StatusDoc:
-    """JSON `{"Response": {...}}` first, then XML `<XMLResponse>`; ValueError if neither."""
+    """JSON `{"Response": {...}}` first, then XML `<XMLResponse>`; BadAnswer if neither."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -103,20 +175,21 @@ def parse_status_body(body: bytes) -> StatusDoc:
     if doc is not None:
         resp = doc.get("Response") if isinstance(doc, dict) else None
         if not isinstance(resp, dict) or not isinstance(resp.get("Status"), str):
-            raise ValueError("JSON without Response.Status")
-
-        def opt(k: str) -> str | None:
-            v = resp.get(k)
-            return None if v is None else str(v)
-
-        return StatusDoc(str(resp["Status"]), opt("State"), opt("Version"), opt("Type"))
+            raise BadAnswer("JSON without Response.Status")
+        status = _field(resp["Status"], "Status") or ""
+        return StatusDoc(
+            status,
+            _field(resp.get("State"), "State"),
+            _field(resp.get("Version"), "Version"),
+            _field(resp.get("Type"), "Type"),
+        )
     root = safe_xml(body)
     if root.tag != "XMLResponse":
-        raise ValueError(f"XML root <{root.tag}>, expected <XMLResponse>")
-    status = _text(root.find("Status"))
-    if not status:
-        raise ValueError("XML without <Status>")
-    return StatusDoc(status, _text(root.find("State")), _text(root.find("Version")), _text(root.find("Type")))
+        raise BadAnswer(f"XML root <{root.tag[:40]}>, expected <XMLResponse>")
+    status_text = _text(root.find("Status"))
+    if not status_text:
+        raise BadAnswer("XML without <Status>")
+    return StatusDoc(status_text, _text(root.find("State")), _text(root.find("Version")), _text(root.find("Type")))
 
 
 def status_from_answer(http_status: int, body: bytes, latency: float) -> AgentStatus:
@@ -125,16 +198,16 @@ def status_from_answer(http_status: int, body: bytes, latency: float) -> AgentSt
         return AgentStatus("down", f"HTTP {http_status}", http_status, None, None, latency)
     try:
         doc = parse_status_body(body)
-    except ValueError:
-        return AgentStatus("down", "unparseable body", http_status, None, None, latency)
+    except BadAnswer as exc:
+        return AgentStatus("down", f"bad answer: {exc}", http_status, None, None, latency)
     if doc.status == "starting":
         return AgentStatus("starting", None, http_status, doc.version, doc.state, latency)
     if doc.status != "running":
-        return AgentStatus("down", f"Status {doc.status!r}", http_status, doc.version, doc.state, latency)
+        return AgentStatus("down", f"Status {doc.status[:40]!r}", http_status, doc.version, doc.state, latency)
     if doc.state != "1":
         # cs.state 0: installed but not configured; Dogtag serves nothing useful yet
         return AgentStatus(
-            "down", f"State {doc.state!r} (not configured)", http_status, doc.version, doc.state, latency
+            "down", f"State {(doc.state or '')[:40]!r} (not configured)", http_status, doc.version, doc.state, latency
         )
     return AgentStatus("running", None, http_status, doc.version, doc.state, latency)
 
@@ -153,6 +226,8 @@ def functional_problem(http_status: int, body: bytes) -> str | None:
         doc = json.loads(body) if body.strip() else None
     except (ValueError, UnicodeDecodeError, RecursionError):
         doc = None
+    if not isinstance(doc, dict):
+        doc = None
     if http_status != 200:
         message = doc.get("Message") if isinstance(doc, dict) else None
         detail = f": {message[:160]}" if isinstance(message, str) else ""
@@ -169,29 +244,35 @@ def parse_info_body(body: bytes) -> AgentInfo:
     Only a complete answer is an answer: an error envelope (`<unexpectedError>`, `<errorDetails>`),
     an empty body (10.10 with its 389-DS down) or a header without the `master_host` and
     `crlIssuingPoints` elements is ok=False, never "no master_host, so serving as master".
+    Never raises: anything malformed is ok=False with "bad answer: ...".
     """
-    if not body.strip():
-        return _bad_info("empty body")
     try:
-        root = safe_xml(body)
-    except ValueError as exc:
+        return _parse_info(body)
+    except BadAnswer as exc:
         return _bad_info(str(exc))
+
+
+@_only_bad_answer
+def _parse_info(body: bytes) -> AgentInfo:
+    if not body.strip():
+        raise BadAnswer("empty body")
+    root = safe_xml(body)
     header = root.find("header")
     if root.tag != "xml" or header is None:
-        return _bad_info("not a Dogtag XML envelope (<xml><header>)")
+        raise BadAnswer("not a Dogtag XML envelope (<xml><header>)")
     for tag in ("unexpectedError", "errorDetails", "error"):
         err = root.find(f".//{tag}")
         if err is not None:
-            return _bad_info(f"Dogtag error <{tag}>: {(_text(err) or '')[:120]}")
+            raise BadAnswer(f"Dogtag error <{tag}>: {(_text(err) or '')[:120]}")
     for tag in ("master_host", "crlIssuingPoints"):
         if header.find(tag) is None:
-            return _bad_info(f"no <{tag}> in the header (not a getInfo answer)")
+            raise BadAnswer(f"no <{tag}> in the header (not a getInfo answer)")
     host = _text(header.find("master_host")) or None
     port_text = _text(header.find("master_port")) or ""
     port: int | None = None
     if port_text:
-        if not _DIGITS.fullmatch(port_text) or not 0 < int(port_text) < 65536:
-            return _bad_info(f"master_port {port_text[:20]!r} is not a port number")
+        if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
+            raise BadAnswer(f"master_port {port_text[:20]!r} is not a port number")
         port = int(port_text)
     # Dogtag joins the per-issuing-point values with '+'
     ips = [s for s in (_text(header.find("crlIssuingPoints")) or "").split("+") if s]
@@ -199,8 +280,11 @@ def parse_info_body(body: bytes) -> AgentInfo:
     numbers: dict[str, int] = {}
     for i, ip in enumerate(ips):
         n = nums[i].strip() if i < len(nums) else ""
-        if _DIGITS.fullmatch(n):
-            numbers[ip] = int(n)
+        if not n:
+            continue  # no CRL made yet for this issuing point
+        if not _CRL_NUMBER.fullmatch(n):
+            raise BadAnswer(f"crlNumbers entry {i + 1} ({n[:20]!r}) is not a CRL number")
+        numbers[ip] = int(n)
     return AgentInfo(host, port, numbers, ok=True, error=None)
 
 

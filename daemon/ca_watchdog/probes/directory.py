@@ -45,6 +45,44 @@ AGREEMENT_ATTRS = (
 MAPPING_TREE = "cn=mapping tree,cn=config"
 
 
+class BadAnswer(ValueError):
+    """An attribute value that is not what 389-DS or Dogtag writes; the only exception the parsers raise.
+
+    The probe never lets one bad value fail the whole probe: it is dropped and reported in
+    ``DirectoryObservation.problems`` as "bad answer: ...".
+    """
+
+
+# ASCII digits only: "²".isdigit() is True and int("²") raises; "٣" would be read as 3
+_PORT = re.compile(r"[0-9]{1,5}")
+_REPLICA_ID = re.compile(r"[0-9]{1,5}")
+
+
+def _short(value: object) -> str:
+    text = value if isinstance(value, str) else type(value).__name__
+    return repr(text[:40])
+
+
+def parse_port(value: str | None) -> int | None:
+    """An LDAP port attribute: None when absent, BadAnswer unless 1..65535 in ASCII digits."""
+    if value is None or not value.strip():
+        return None
+    v = value.strip()
+    if not _PORT.fullmatch(v) or not 0 < int(v) < 65536:
+        raise BadAnswer(f"not a port number: {_short(v)}")
+    return int(v)
+
+
+def parse_replica_id(value: str | None) -> int | None:
+    """``nsDS5ReplicaId``: 1..65535 (65535 is a read-only consumer)."""
+    if value is None or not value.strip():
+        return None
+    v = value.strip()
+    if not _REPLICA_ID.fullmatch(v) or not 0 < int(v) <= 65535:
+        raise BadAnswer(f"not a replica id: {_short(v)}")
+    return int(v)
+
+
 class Seconds(float):
     """A timeout for ldap3: float for ``socket.settimeout`` and whole seconds for ``SO_RCVTIMEO``.
 
@@ -60,7 +98,7 @@ class Seconds(float):
 
 # ---- CSN and RUV ----------------------------------------------------------------------------------
 
-_CSN_RE = re.compile(r"^[0-9a-fA-F]{20}$")
+_CSN_RE = re.compile(r"[0-9a-fA-F]{20}")
 
 
 @dataclass(frozen=True, order=True)
@@ -78,8 +116,8 @@ class CSN:
     @classmethod
     def parse(cls, text: str) -> CSN:
         t = text.strip()
-        if not _CSN_RE.match(t):
-            raise ValueError(f"not a CSN (20 hex digits expected): {text!r}")
+        if not _CSN_RE.fullmatch(t):
+            raise BadAnswer(f"not a CSN (20 hex digits expected): {_short(text)}")
         return cls(int(t[0:8], 16), int(t[8:12], 16), int(t[12:16], 16), int(t[16:20], 16))
 
     @property
@@ -110,21 +148,25 @@ class RUV:
 
 # {replica 1 ldap://localhost:3891} 6b0a0381000200010000 6b0a0391000000010000
 # {replica 1 ldap://localhost:3891}                      (no change from rid 1 seen yet: pitfall 7)
-_RUV_ELEMENT_RE = re.compile(r"^\{replica\s+(\d+)(?:\s+([^}]*))?\}\s*(?:(\S+)\s+(\S+))?\s*$", re.IGNORECASE)
+_RUV_ELEMENT_RE = re.compile(
+    r"\{replica\s+([0-9]{1,5})(?:\s+([^}]*))?\}\s*(?:(\S+)\s+(\S+))?\s*", re.IGNORECASE | re.ASCII
+)
 _RUV_GENERATION_RE = re.compile(r"^\{replicageneration\}\s*(\S+)?\s*$", re.IGNORECASE)
 
 
 def parse_ruv_element(value: str) -> RUVElement:
-    m = _RUV_ELEMENT_RE.match(value.strip())
+    m = _RUV_ELEMENT_RE.fullmatch(value.strip())
     if not m:
-        raise ValueError(f"not a RUV replica element: {value!r}")
+        raise BadAnswer(f"not a RUV replica element: {_short(value)}")
     min_csn = CSN.parse(m.group(3)) if m.group(3) else None
     max_csn = CSN.parse(m.group(4)) if m.group(4) else None
     return RUVElement(int(m.group(1)), (m.group(2) or "").strip(), min_csn, max_csn)
 
 
-def parse_ruv(values: Iterable[str]) -> RUV:
-    """Parse the values of ``nsds50ruv``. Unknown value kinds are skipped, malformed elements raise."""
+def parse_ruv(values: Iterable[str], problems: list[str] | None = None) -> RUV:
+    """Parse the values of ``nsds50ruv``. Unknown value kinds are skipped. A malformed element raises
+    BadAnswer, or, when ``problems`` is given, is left out and reported there (a replica id whose
+    element is left out counts as "no CSN": the cautious side for lag)."""
     generation: str | None = None
     elements: list[RUVElement] = []
     for raw in values:
@@ -132,8 +174,13 @@ def parse_ruv(values: Iterable[str]) -> RUV:
         g = _RUV_GENERATION_RE.match(v)
         if g:
             generation = g.group(1)
-        elif v.lower().startswith("{replica "):
-            elements.append(parse_ruv_element(v))
+        elif v.lower().startswith("{replica"):
+            try:
+                elements.append(parse_ruv_element(v))
+            except BadAnswer as exc:
+                if problems is None:
+                    raise
+                problems.append(f"bad answer: nsds50ruv: {exc}")
     return RUV(generation, tuple(elements))
 
 
@@ -144,9 +191,9 @@ def parse_agmt_maxcsn(value: str) -> tuple[str, CSN | None]:
     """
     parts = value.strip().rsplit(";", 5)
     if len(parts) != 6:
-        raise ValueError(f"not an nsds5agmtmaxcsn value: {value!r}")
+        raise BadAnswer(f"not an nsds5agmtmaxcsn value: {_short(value)}")
     csn_text = parts[5].strip()
-    csn = CSN.parse(csn_text) if _CSN_RE.match(csn_text) else None
+    csn = CSN.parse(csn_text) if _CSN_RE.fullmatch(csn_text) else None
     return parts[1], csn
 
 
@@ -195,9 +242,9 @@ class UpdateStatus:
 
 
 # "Error (-1) Problem connecting to replica - LDAP error: Can't contact LDAP server (connection error)"
-_STATUS_ERROR_RE = re.compile(r"^\s*Error\s*\((-?\d+)\)\s*(.*)$", re.DOTALL)
+_STATUS_ERROR_RE = re.compile(r"^\s*Error\s*\((-?[0-9]{1,10})\)\s*(.*)$", re.DOTALL)
 # before 389-DS 1.3.5: "0 Replica acquired successfully: Incremental update succeeded"
-_STATUS_OLD_RE = re.compile(r"^\s*(-?\d+)\s+(.*)$", re.DOTALL)
+_STATUS_OLD_RE = re.compile(r"^\s*(-?[0-9]{1,10})\s+(.*)$", re.DOTALL)
 # replica busy / backoff are transient (amber in the JSON form); they carry a replication rc,
 # not an LDAP error, hence the "LDAP error" exclusion below
 _AMBER_RE = re.compile(r"busy replica|backoff|back off|can't acquire replica", re.IGNORECASE)
@@ -229,27 +276,30 @@ def parse_status_json(text: str | None) -> UpdateStatus | None:
         return None
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(doc, dict):
         return None
-    state = str(doc.get("state", "")).lower()
+    # only plain values are read: str() of a nested structure recurses, int(Infinity) overflows
+    raw_state = doc.get("state")
+    state = raw_state.lower() if isinstance(raw_state, str) else ""
     if state not in ("green", "amber", "red"):
         return None
-    rc: int | None
-    try:
-        rc = int(doc["ldap_rc"])
-    except (KeyError, TypeError, ValueError):
-        rc = None
+    rc: int | None = None
+    raw_rc = doc.get("ldap_rc")
+    if isinstance(raw_rc, int) and not isinstance(raw_rc, bool) and -(2**31) <= raw_rc < 2**31:
+        rc = raw_rc
+    elif isinstance(raw_rc, str) and re.fullmatch(r"-?[0-9]{1,10}", raw_rc.strip()):
+        rc = int(raw_rc.strip())
     date: datetime | None = None
     raw_date = doc.get("date")
-    if isinstance(raw_date, str):
+    if isinstance(raw_date, str) and len(raw_date) <= 40:
         try:
             date = datetime.fromisoformat(raw_date.replace("Z", "+00:00"))
         except ValueError:
             date = None
     message = doc.get("message")
-    return UpdateStatus(state, rc, str(message) if message is not None else "", date)  # type: ignore[arg-type]
+    return UpdateStatus(state, rc, message[:1000] if isinstance(message, str) else "", date)  # type: ignore[arg-type]
 
 
 def parse_update_status(json_text: str | None, text: str | None) -> UpdateStatus:
@@ -269,14 +319,17 @@ def parse_generalized_time(value: str | None) -> datetime | None:
     v = value.strip()
     if not v or v == "0" or v.startswith("19700101000000"):
         return None
-    m = re.match(r"^(\d{14})(?:[.,](\d+))?(Z|[+-]\d{4})?$", v)
+    m = re.fullmatch(r"([0-9]{14})(?:[.,]([0-9]{1,9}))?(Z|[+-][0-9]{4})?", v)
     if not m:
-        raise ValueError(f"not a GeneralizedTime: {value!r}")
-    dt = datetime.strptime(m.group(1), "%Y%m%d%H%M%S")
-    if m.group(2):
-        dt = dt.replace(microsecond=int((m.group(2) + "000000")[:6]))
-    tz = m.group(3) or "Z"
-    return dt.replace(tzinfo=UTC if tz == "Z" else datetime.strptime(tz, "%z").tzinfo)
+        raise BadAnswer(f"not a GeneralizedTime: {_short(value)}")
+    try:
+        dt = datetime.strptime(m.group(1), "%Y%m%d%H%M%S")
+        if m.group(2):
+            dt = dt.replace(microsecond=int((m.group(2) + "000000")[:6]))
+        tz = m.group(3) or "Z"
+        return dt.replace(tzinfo=UTC if tz == "Z" else datetime.strptime(tz, "%z").tzinfo)
+    except ValueError:  # 20251399000000Z: digits, but no date
+        raise BadAnswer(f"not a GeneralizedTime: {_short(value)}") from None
 
 
 @dataclass(frozen=True)
@@ -314,7 +367,14 @@ def _all(attrs: Mapping[str, Sequence[Any]], name: str) -> list[str]:
 def _lenient_time(value: str | None) -> datetime | None:
     try:
         return parse_generalized_time(value)
-    except ValueError:
+    except BadAnswer:
+        return None
+
+
+def _lenient_port(value: str | None) -> int | None:
+    try:
+        return parse_port(value)
+    except BadAnswer:
         return None
 
 
@@ -327,7 +387,7 @@ def parse_agreement(dn: str, attrs: Mapping[str, Sequence[Any]], sent_max_csn: C
     return Agreement(
         name=name,
         consumer_host=_first(attrs, "nsds5replicaHost"),
-        consumer_port=int(port_text) if port_text and port_text.strip().isdigit() else None,
+        consumer_port=_lenient_port(port_text),
         state=status.state,
         ldap_rc=status.ldap_rc,
         message=status.message,
@@ -362,7 +422,7 @@ def parse_dogtag_number(value: str) -> int:
     """
     m = _DOGTAG_NUMBER.fullmatch(value.strip())
     if m is None or int(m.group(1)) != len(m.group(2)):
-        raise ValueError(f"not a Dogtag LDAP number (length-prefixed decimal): {value[:40]!r}")
+        raise BadAnswer(f"not a Dogtag LDAP number (length-prefixed decimal): {value[:40]!r}")
     return int(m.group(2))
 
 
@@ -379,7 +439,7 @@ def parse_crl_record(dn: str, attrs: Mapping[str, Sequence[Any]]) -> CRLRecord:
     num = _first(attrs, "crlNumber")
     try:
         crl_number = parse_dogtag_number(num) if num is not None else None
-    except ValueError:
+    except BadAnswer:
         crl_number = None
     return CRLRecord(
         issuing_point=ip,
@@ -404,6 +464,8 @@ class DirectoryObservation:
     crl_records: tuple[CRLRecord, ...] = ()
     ruv_generation: str | None = None
     observed_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # values that were not what 389-DS writes, left out of the observation ("bad answer: ...")
+    problems: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         def ts(d: datetime | None) -> str | None:
@@ -417,6 +479,7 @@ class DirectoryObservation:
             "observed_at": ts(self.observed_at),
             "replica_id": self.replica_id,
             "ruv_generation": self.ruv_generation,
+            "problems": list(self.problems),
             "ruv_max_csn": {str(k): (str(v) if v else None) for k, v in sorted(self.ruv_max_csn.items())},
             "agreements": [
                 {
@@ -562,6 +625,7 @@ def _probe_sync(
         if not conn.bind(read_server_info=False):
             raise ProbeError(f"bind failed: {result_text()}")
 
+        problems: list[str] = []
         replica_id: int | None = None
         replica_dn: str | None = None
         for dn, attrs in search(
@@ -570,19 +634,23 @@ def _probe_sync(
             SUBTREE,
             ["nsDS5ReplicaId"],
         ):
-            rid = _first(attrs, "nsDS5ReplicaId")
             replica_dn = dn
-            replica_id = int(rid) if rid and rid.strip().isdigit() else None
+            try:
+                replica_id = parse_replica_id(_first(attrs, "nsDS5ReplicaId"))
+            except BadAnswer as exc:
+                replica_id = None
+                problems.append(f"bad answer: nsDS5ReplicaId: {exc}")
 
         ruv = RUV(None, ())
         sent: dict[str, CSN | None] = {}
         # pitfall 6: a base search on nsuniqueid=ffff...,<suffix> returns nothing; subtree works
         for _dn, attrs in search(basedn, RUV_FILTER, SUBTREE, ["nsds50ruv", "nsds5agmtmaxcsn"]):
-            ruv = parse_ruv(_all(attrs, "nsds50ruv"))
+            ruv = parse_ruv(_all(attrs, "nsds50ruv"), problems)
             for v in _all(attrs, "nsds5agmtmaxcsn"):
                 try:
                     name, csn = parse_agmt_maxcsn(v)
-                except ValueError:
+                except BadAnswer as exc:
+                    problems.append(f"bad answer: nsds5agmtmaxcsn: {exc}")
                     continue
                 sent[name.lower()] = csn
 
@@ -612,6 +680,7 @@ def _probe_sync(
             ruv_max_csn=ruv.max_csns(),
             crl_records=tuple(sorted(crls, key=lambda c: c.issuing_point)),
             ruv_generation=ruv.generation,
+            problems=tuple(problems),
         )
     except Exception as exc:  # ldap3 raises many unrelated types for socket trouble
         return DirectoryObservation(url, False, _describe(exc, timeout), time.monotonic() - t0)
