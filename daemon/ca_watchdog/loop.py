@@ -141,8 +141,11 @@ class Watchdog:
         t0 = time.monotonic()
         now = time.time()
         if self.actuator.fence_overdue() and self.last_local is not None:
-            # renewals have failed up to the fence point (or this process was frozen): fence before probing
-            view = self._view(now, self.last_local, None, "lease overdue: renewals failed", {}, {}, ())
+            # renewals have failed up to the fence point (or this process was frozen): decide before probing,
+            # with only the peers' failsafe answers (which may keep the role through a store outage)
+            held = self.actuator.held_epoch
+            overdue_acks = await self._failsafe_acks(held) if held is not None else ()
+            view = self._view(now, self.last_local, None, "lease overdue: renewals failed", {}, {}, (), overdue_acks)
             return await self._decide_and_act(view, t0)
         watched = self.last_leader_seen[0] if self.last_leader_seen else self.previous_leader
         # getInfo (master or clone?) only matters once the key is free: skip that TLS handshake otherwise
