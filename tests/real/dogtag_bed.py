@@ -354,6 +354,18 @@ class DogtagBed:
         finally:
             conn.close()
 
+    def request_with_headers(
+        self, inst: str, method: str, path: str, headers: dict[str, str], timeout: float = 10
+    ) -> tuple[int, str, str]:
+        """(HTTP status, body, Content-Type) of one https request with these request headers."""
+        conn = _LoopbackHTTPS(self.ca(inst).https_port, self.tls_context(), timeout)
+        try:
+            conn.request(method, path, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode("utf-8", "replace"), resp.getheader("Content-Type") or ""
+        finally:
+            conn.close()
+
     def get_status(self, inst: str, timeout: float = 5, https: bool = True) -> CAStatus:
         """getStatus (XML in 10.10). Never raises for server trouble: see ``error``."""
         try:

@@ -11,18 +11,26 @@ real systemd in test_systemd_bed.py.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import itertools
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dogtag_bed import CAFacts, DogtagBed
+import ldap3
+from dogtag_bed import CRL_DN, INFO_PATH, UPDATE_CRL_PATH, CAFacts, DogtagBed, _LoopbackHTTPS, _parse_xml, _text
+
+from ca_watchdog.probes.directory import parse_dogtag_number
 
 REPO = Path(__file__).resolve().parents[2]
 # name -> (instance, API port); ports below the ephemeral range, clear of the other labs
@@ -35,77 +43,218 @@ def _toml(v: Any) -> str:
 
 @dataclass
 class Sample:
+    """One look at one CA: getInfo, then updateCRL, asked from `at` until `done`."""
+
+    name: str
     at: float
-    masters: list[str]  # CAs whose getInfo answered without master_host
-    crl_times: list[str]  # CAs whose updateCRL generated a CRL (answered a time)
-    crl_numbers: dict[str, int]  # LDAP crlNumber per DS
+    done: float
+    master: bool | None  # serving as master (getInfo without master_host), clone, or None: serves nothing
+    crl: str | None  # updateCRL: "time" (generated a CRL), "notInitialized", another answer, or None
+
+    def overlaps(self, other: Sample, slack: float) -> bool:
+        return self.at - slack <= other.done and other.at - slack <= self.done
 
 
 @dataclass
 class Invariants:
     """Sampled every 200 ms: at most one CA serving as master (getInfo); updateCRL generates on at
-    most one CA and answers notInitialized on the other running one; the LDAP crlNumber of each DS
-    never goes back."""
+    most one CA (notInitialized on the other running one: asserted by the scenarios in a steady
+    cluster); the LDAP crlNumber of each DS never goes back.
+
+    Each CA has its own sampling thread (getInfo, then updateCRL with the agent certificate,
+    waiting for the update) on one kept-alive TLS connection, started every `period`; LDAP is read
+    by a third thread as often. A fresh TLS handshake per request and overlapping samples loaded
+    the 2-core machine so much (load 10) that a CA just promoted timed out on getInfo: the sampler
+    must not be what fails the failover. Two observations of different CAs count as "at the same
+    time" when their request windows are less than one `period` apart.
+    """
 
     bed: DogtagBed
     period: float = 0.2
     samples: list[Sample] = field(default_factory=list)
+    numbers: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
+    started: float = 0.0
+    stopped: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _last: dict[str, Sample] = field(default_factory=dict)
 
     def __enter__(self) -> Invariants:
-        self._thread = threading.Thread(target=self._run, name="dogtag-invariants", daemon=True)
-        self._thread.start()
+        self.started = time.monotonic()
+        targets: list[tuple[Callable[..., None], tuple[str, ...], str]] = [
+            (self._sample_ca, (name,), name) for name in MEMBERS
+        ]
+        targets.append((self._read_numbers, (), "ldap"))
+        for target, args, label in targets:
+            t = threading.Thread(target=target, args=args, name=f"dogtag-invariants-{label}", daemon=True)
+            t.start()
+            self._threads.append(t)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
+        self.stopped = time.monotonic()
+        for t in self._threads:
+            t.join(30)
 
-    def _one(self) -> Sample:
-        masters: list[str] = []
-        crl_times: list[str] = []
-        not_initialized: list[str] = []
-        for name, (inst, _) in MEMBERS.items():
-            try:
-                if not self.bed.get_status(inst, timeout=2).running:
-                    continue
-                if not self.bed.get_info(inst, timeout=2).master:
-                    masters.append(name)
-            except Exception:
-                continue  # down or starting: serves nothing
-            upd = self.bed.update_crl(inst, timeout=5)
-            if upd.time:
-                crl_times.append(name)
-            elif upd.crl_update == "notInitialized":
-                not_initialized.append(name)
-        numbers: dict[str, int] = {}
-        for ds in ("ds-master", "ds-clone"):
-            try:
-                numbers[ds] = self.bed.ldap_crl_number(ds)
-            except Exception:
-                continue
-        return Sample(time.monotonic(), masters, crl_times, numbers)
+    def _ask(self, conn: KeptConnection) -> tuple[bool | None, str | None]:
+        try:
+            code, body = conn.request("GET", INFO_PATH)
+        except (OSError, http.client.HTTPException):
+            return None, None  # down or starting: serves nothing
+        root = _parse_xml(body)
+        if code != 200 or root is None or root.find("header") is None:
+            return None, None
+        master = not _text(root, "master_host")
+        form = urllib.parse.urlencode({"crlIssuingPoint": "MasterCRL", "waitForUpdate": "true", "xml": "true"})
+        try:
+            code, body = conn.request("POST", UPDATE_CRL_PATH, form)
+        except (OSError, http.client.HTTPException) as exc:
+            return master, f"{type(exc).__name__}"
+        root = _parse_xml(body)
+        if code != 200 or root is None:
+            return master, f"HTTP {code}"
+        return master, ("time" if _text(root, "time") else _text(root, "crlUpdate") or "?")
 
-    def _run(self) -> None:
-        last: dict[str, int] = {}
-        while not self._stop.is_set():
-            s = self._one()
+    def _sample_ca(self, name: str) -> None:
+        inst = MEMBERS[name][0]
+        conn = KeptConnection(self.bed.ca(inst).https_port, self.bed.tls_context(agent=True), timeout=5)
+        next_at = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                at = time.monotonic()
+                master, crl = self._ask(conn)
+                self._judge(Sample(name, at, time.monotonic(), master, crl))
+                next_at = max(next_at + self.period, time.monotonic())
+                self._stop.wait(max(0.0, next_at - time.monotonic()))
+        finally:
+            conn.close()
+
+    def _judge(self, s: Sample) -> None:
+        with self._lock:
             self.samples.append(s)
-            if len(s.masters) > 1:
-                self.violations.append(f"two CAs serving as master: {s.masters}")
-            if len(s.crl_times) > 1:
-                self.violations.append(f"updateCRL generated a CRL on two CAs: {s.crl_times}")
-            for ds, n in s.crl_numbers.items():
-                if n < last.get(ds, n):
-                    self.violations.append(f"{ds}: crlNumber went back from {last[ds]} to {n}")
-                last[ds] = max(n, last.get(ds, n))
-            self._stop.wait(self.period)
+            self._last[s.name] = s
+            for other in self._last.values():
+                if other.name == s.name or not s.overlaps(other, self.period):
+                    continue
+                when = f"+{s.at - self.started:.1f} s"
+                if s.master and other.master:
+                    self.violations.append(f"{when}: two CAs serving as master: {s.name}, {other.name}")
+                if s.crl == "time" and other.crl == "time":
+                    self.violations.append(f"{when}: updateCRL made a CRL on two CAs: {s.name}, {other.name}")
 
-    def saw(self, predicate: Callable[[Sample], bool]) -> bool:
-        return any(predicate(s) for s in list(self.samples))
+    @staticmethod
+    def _crl_number(conn: ldap3.Connection) -> int:
+        if not conn.search(CRL_DN, "(objectClass=*)", search_scope=ldap3.BASE, attributes=["crlNumber"]):
+            raise LookupError(f"{CRL_DN}: {conn.result}")
+        return parse_dogtag_number(str(conn.entries[0].crlNumber.value))
+
+    def _read_numbers(self) -> None:
+        """On one kept LDAP connection per DS (reopened after an error)."""
+        conns: dict[str, ldap3.Connection] = {}
+        last: dict[str, int] = {}
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            at = time.monotonic()
+            numbers: dict[str, int] = {}
+            for ds in ("ds-master", "ds-clone"):
+                try:
+                    if ds not in conns:
+                        conns[ds] = self.bed.ldap_connection(ds, timeout=2)
+                    numbers[ds] = self._crl_number(conns[ds])
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        conns.pop(ds).unbind()
+                    continue
+            with self._lock:
+                self.numbers.append((at, numbers))
+                for ds, n in numbers.items():
+                    if n < last.get(ds, n):
+                        back = f"{ds}: crlNumber went back from {last[ds]} to {n}"
+                        self.violations.append(f"+{at - self.started:.1f} s: {back}")
+                    last[ds] = max(n, last.get(ds, n))
+            next_at = max(next_at + self.period, time.monotonic())
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+        for conn in conns.values():
+            with contextlib.suppress(Exception):
+                conn.unbind()
+
+    def saw_master(self, name: str) -> bool:
+        """`name` was seen serving as master, and the other CA as a clone, at the same time."""
+        with self._lock:
+            mine = [s for s in self.samples if s.name == name and s.master]
+            clones = [s for s in self.samples if s.name != name and s.master is False]
+        return any(m.overlaps(c, self.period) for m in mine for c in clones)
+
+    def cadence_problem(self) -> str | None:
+        """None when every CA was asked every `period` (unless a request was still waiting for an
+        answer: a CA that is starting holds it until the timeout) and LDAP was read as often."""
+        span = (self.stopped or time.monotonic()) - self.started
+        with self._lock:
+            samples = list(self.samples)
+            reads = [at for at, _ in self.numbers]
+        for name in MEMBERS:
+            mine = sorted((s for s in samples if s.name == name), key=lambda s: s.at)
+            late = [
+                f"{b.at - a.at:.2f} s at +{a.at - self.started:.1f} s"
+                for a, b in itertools.pairwise(mine)
+                if b.at - a.done > self.period + 0.3  # started later than its period after the answer
+            ]
+            if not mine or late:
+                return f"{name}: {len(mine)} samples in {span:.1f} s; late: {', '.join(late[:5])}"
+        ldap_late = [b - a for a, b in itertools.pairwise(reads) if b - a > 3 * self.period]
+        if len(reads) < 0.5 * span / self.period or ldap_late:
+            return f"{len(reads)} LDAP reads in {span:.1f} s; gaps {', '.join(f'{g:.2f}' for g in ldap_late[:5])}"
+        return None
+
+    def summary(self) -> str:
+        with self._lock:
+            samples, reads = list(self.samples), len(self.numbers)
+        span = (self.stopped or time.monotonic()) - self.started
+        parts = []
+        for name in MEMBERS:
+            mine = sorted((s for s in samples if s.name == name), key=lambda s: s.at)
+            gaps = sorted(b.at - a.at for a, b in itertools.pairwise(mine))
+            median = gaps[len(gaps) // 2] if gaps else 0.0
+            parts.append(
+                f"{name} {len(mine)} samples (every {median:.2f} s median, widest {max(gaps, default=0):.2f} s)"
+            )
+        return f"{span:.0f} s: " + "; ".join(parts) + f"; {reads} LDAP reads"
+
+
+class KeptConnection:
+    """One kept-alive https connection to a CA (with the agent certificate); reopened after an error.
+    A request that fails on a reused connection (the server closed it) is retried once on a new one."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, timeout: float) -> None:
+        self.port, self.context, self.timeout = port, context, timeout
+        self.conn: http.client.HTTPSConnection | None = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def request(self, method: str, path: str, body: str | None = None) -> tuple[int, str]:
+        for attempt in (1, 2):
+            reused = self.conn is not None
+            if self.conn is None:
+                self.conn = _LoopbackHTTPS(self.port, self.context, self.timeout)
+            try:
+                headers = {"Content-Type": "application/x-www-form-urlencoded"} if body is not None else {}
+                self.conn.request(method, path, body=body, headers=headers)
+                resp = self.conn.getresponse()
+                data = resp.read().decode("utf-8", "replace")
+                if resp.will_close:
+                    self.close()
+                return resp.status, data
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if not reused or attempt == 2 or isinstance(exc, TimeoutError):
+                    raise
+        raise AssertionError("unreachable")
 
 
 class RealCluster:
