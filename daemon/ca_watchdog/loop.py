@@ -140,6 +140,11 @@ class Watchdog:
     async def cycle(self) -> Decision:
         t0 = time.monotonic()
         now = time.time()
+        if self.actuator.fence_overdue():
+            # one renewal first: the store may be back (a failsafe outage ends), and a renewed lease is
+            # the only proof that counts; this costs at most one store timeout of the cycle budget
+            with contextlib.suppress(StoreUnavailable):
+                await self.actuator.renew()
         if self.actuator.fence_overdue() and self.last_local is not None:
             # renewals have failed up to the fence point (or this process was frozen): decide before probing,
             # with only the peers' failsafe answers (which may keep the role through a store outage)
