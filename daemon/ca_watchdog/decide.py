@@ -93,15 +93,16 @@ def _without_store(v: ClusterView) -> Decision:
             f"{why}; failsafe: every member ({', '.join(others)}) acknowledges me as master over the peer API "
             f"and cannot reach the store either; keeping the master role ({late})",
         )
-    if v.control.paused:
-        return Decision(Action.WAIT, f"paused: {why} and {late}; would self-fence")
+    # No pause exception: the pause I last saw may have been lifted since, and then the others elect
+    # (found by the simulation: a master cut off while paused kept its role past the resume).
     missing = [n for n in others if n not in v.failsafe_acks]
     return Decision(
         Action.SELF_FENCE,
         f"{why}; {late} (>= ttl {v.policy.ttl:g}s - safety margin "
         f"{v.policy.safety_margin:g}s - one cycle {v.policy.fence_lead:g}s) and no failsafe acknowledgement from "
         f"{', '.join(missing) or 'anyone'}: "
-        "stopping the CA and demoting before another master can be elected",
+        "stopping the CA and demoting before another master can be elected"
+        + (" (even paused: the pause may have been lifted meanwhile)" if v.control.paused else ""),
         target=_best_guess_successor(v),
     )
 

@@ -5,6 +5,7 @@ The result is this node's MemberState for the cycle (what it publishes and what 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -62,16 +63,31 @@ class Observer:
         self.watched_down_streak = 0
         self.watched_name: str | None = None
         self.known_rids: dict[str, int] = {}
+        self._cscfg_cache: tuple[tuple[int, ...], tuple[cscfg.CSCfg | None, str, str | None, bool]] | None = None
+
+    def _identity(self) -> tuple[int, ...] | None:
+        """The file's identity without following a link: any replacement or write changes it."""
+        try:
+            st = os.stat(self.s.node.cs_cfg, follow_symlinks=False)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
 
     async def _read_cscfg(self) -> tuple[cscfg.CSCfg | None, str, str | None, bool]:
+        ident = self._identity()
+        if ident is not None and self._cscfg_cache is not None and self._cscfg_cache[0] == ident:
+            return self._cscfg_cache[1]  # unchanged since the last (safe) read: parse it once, not every cycle
         try:
             cfg = await asyncio.wait_for(asyncio.to_thread(cscfg.read_cscfg, self.s.node.cs_cfg), CSCFG_READ_TIMEOUT)
         except TimeoutError:
             return None, ROLE_UNREADABLE, f"{self.s.node.cs_cfg}: not read within {CSCFG_READ_TIMEOUT:g}s", False
         except cscfg.CSCfgError as exc:
+            self._cscfg_cache = None
             return None, ROLE_UNREADABLE, str(exc), False
         report = cscfg.classify(cfg)
-        return cfg, report.role.value, "; ".join(report.problems) or None, master_duty(report)
+        result = (cfg, report.role.value, "; ".join(report.problems) or None, master_duty(report))
+        self._cscfg_cache = (ident, result) if ident is not None and ident == self._identity() else None
+        return result
 
     async def observe(self, watched: str | None, tell_role: bool) -> Observation:
         directory: Awaitable[DirectoryObservation | None]
