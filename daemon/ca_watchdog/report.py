@@ -22,6 +22,10 @@ class Reporter:
         self.metrics = metrics
         self.notifier = notifier
         self._problems_logged: dict[str, float] = {}
+        # label children looked up once: `labels()` costs more than the update it leads to
+        self._up = {mc.name: metrics.up.labels(mc.name) for mc in members}
+        self._role = {(mc.name, r): metrics.cscfg_role.labels(mc.name, r) for mc in members for r in ROLES}
+        self._is_leader = metrics.is_leader.labels(me)
 
     def report(self, view: ClusterView, d: Decision, seconds: float, epoch: int) -> None:
         """`epoch`: the epoch this cycle ended with (the one just acquired, for a bootstrap or promotion)."""
@@ -33,12 +37,12 @@ class Reporter:
                 log.warning("ignored: %s", p)
         m = self.metrics
         m.bad_records.inc(len(view.problems))
-        m.actions.labels(d.action.value).inc()
+        m.actions.labels(d.action.value).inc()  # a handful of values; labels() caches the child
         m.cycle_seconds.observe(seconds)
         m.last_cycle.set(time.time())
         m.epoch.set(epoch)
         m.leader_present.set(1 if view.leader else 0)
-        m.is_leader.labels(self.me).set(1 if view.leader and view.leader.name == self.me else 0)
+        self._is_leader.set(1 if view.leader and view.leader.name == self.me else 0)
         m.paused.set(1 if view.control.paused else 0)
         m.paused_since.set(view.control.paused_at or 0)
         m.master_unmanaged.set(1 if d.reason.startswith(UNMANAGED) else 0)
@@ -48,9 +52,9 @@ class Reporter:
         by_name = {st.name: st for st in states}
         for member in self.members:  # a member without a fresh record is not up and has no known role
             st = by_name.get(member.name)
-            m.up.labels(member.name).set(1 if st is not None and st.ca_status == CA_RUNNING else 0)
+            self._up[member.name].set(1 if st is not None and st.ca_status == CA_RUNNING else 0)
             for role in ROLES:
-                m.cscfg_role.labels(member.name, role).set(1 if st is not None and st.cscfg_role == role else 0)
+                self._role[member.name, role].set(1 if st is not None and st.cscfg_role == role else 0)
         newest: dict[int, int] = {}
         for st in states:
             for rid, csn in st.max_csn.items():

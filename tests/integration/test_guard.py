@@ -141,3 +141,16 @@ def test_guard_command_refuses_a_malformed_cscfg_with_exit_2_and_touches_nothing
     assert out.returncode == 2, out.stdout + out.stderr
     assert str(p) in out.stderr and ":42:" in out.stderr
     assert p.read_bytes() == before
+
+
+async def test_defect13_a_ca_started_before_any_daemon_ran_on_a_fresh_sqlite_host_keeps_its_master_cscfg(
+    tmp_path: Path, master_file: Path
+) -> None:
+    # no store file at all (and no directory for it): nobody was ever master here, so this is a bootstrap,
+    # not an unreachable store; demoting the only master would leave the cluster without one
+    s = settings(tmp_path, store={"path": str(tmp_path / "not-yet" / "state.db")})
+    before = master_file.read_bytes()
+    result = await run_guard(s)
+    assert not result.changed and "bootstrap" in result.message, result.message
+    assert master_file.read_bytes() == before
+    assert not (tmp_path / "not-yet").exists(), "the guard must not create the daemon's store"

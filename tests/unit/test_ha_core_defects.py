@@ -370,3 +370,24 @@ async def test_defect17_resume_fails_once_another_epoch_was_handed_out(tmp_path:
     assert await store.acquire_leader("ca2", 10, "bootstrap", kind="bootstrap") is not None
     assert await store.acquire_leader("ca2", 10, "x", kind="resume", expect_epoch=expect_epoch) is None
     await store.close()
+
+
+async def test_defect14_renewals_keep_their_cadence_while_a_cycle_is_stuck_in_slow_probes(tmp_path: Path) -> None:
+    # the cycle is not running at all here (as if its probes hung): the renewer alone keeps the lease
+    store = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
+    rec = await store.acquire_leader("ca2", 10.0, "x")
+    assert rec is not None
+    a = actuator(tmp_path, store, FakeCA())
+    a.held_epoch, a.last_renew = rec.epoch, None
+    a.start_renewer()
+    seen: list[float] = []
+    for _ in range(8):
+        await asyncio.sleep(0.2)  # interval 0.2 s in these settings
+        leader = await store.get_leader()
+        assert leader is not None
+        seen.append(leader.renewed_at)
+    await a.stop()
+    assert len(set(seen)) >= 4, f"renewals stalled: {seen}"
+    age = a.lease_age()
+    assert age is not None and age < 1.0
+    await store.close()
