@@ -41,10 +41,11 @@ fi
 [ -x /usr/bin/ca-watchdog ] || { echo "ca-watchdog is not installed in the bed: run inbed-install.sh all" >&2; exit 1; }
 
 # ---- known state: nothing running, no store, no test leftovers ----------------------------------
-systemctl stop ca-watchdog.service "pki-tomcatd@$INST.service" 2>/dev/null || true
-systemctl reset-failed ca-watchdog.service "pki-tomcatd@$INST.service" 2>/dev/null || true
+systemctl stop ca-watchdog.service "pki-tomcatd@$INST.service" "ca-watchdog-guard@$INST.service" 2>/dev/null || true
+systemctl reset-failed ca-watchdog.service "pki-tomcatd@$INST.service" "ca-watchdog-guard@$INST.service" 2>/dev/null || true
 rm -rf /run/systemd/system/ca-watchdog.service.d /run/systemd/system/pki-tomcatd@.service.d \
-  "/run/systemd/system/pki-tomcatd@$INST.service.d"
+  "/run/systemd/system/pki-tomcatd@$INST.service.d" /run/systemd/system/ca-watchdog-guard@.service.d \
+  "/run/systemd/system/ca-watchdog-guard@$INST.service.d"
 rm -rf /var/lib/ca-watchdog
 
 # ---- the CA host --------------------------------------------------------------------------------
@@ -121,6 +122,7 @@ TOML
 
 # ---- units: the shipped ones verbatim, the stand-in CA unit ------------------------------------------
 install -m 0644 $SRC/systemd/ca-watchdog.service /etc/systemd/system/ca-watchdog.service
+install -m 0644 "$SRC/systemd/ca-watchdog-guard@.service" "/etc/systemd/system/ca-watchdog-guard@.service"
 install -d -m 0755 /etc/systemd/system/pki-tomcatd@.service.d
 install -m 0644 $SRC/systemd/pki-tomcatd@.service.d/ca-watchdog.conf /etc/systemd/system/pki-tomcatd@.service.d/ca-watchdog.conf
 sed "s/@CA_PORT@/$CA_PORT/g" $SRC/beds/systemd/pki-tomcatd@.service >/etc/systemd/system/pki-tomcatd@.service

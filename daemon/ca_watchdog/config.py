@@ -62,6 +62,8 @@ class MemberSettings:
     name: str
     agent_url: str
     ldap_url: str | None = None  # None: no 389-DS probe for this member (lab without a directory)
+    # ldap:// upgraded with StartTLS (certificate checked against tls.ca_file) before the bind
+    ldap_starttls: bool = False
     api_url: str | None = None
     priority: int = 100
     nofailover: bool = False
@@ -409,10 +411,15 @@ def _members(source: str, data: Any) -> tuple[MemberSettings, ...]:
             name=name,
             agent_url=_url(t, "agent_url", ("https", "http")),
             ldap_url=_opt_url(t, "ldap_url", ("ldap", "ldaps")),
+            ldap_starttls=t.boolean("ldap_starttls", False),
             api_url=_opt_url(t, "api_url", ("https", "http")),
             priority=t.integer("priority", 100, minimum=0, maximum=1_000_000),
             nofailover=t.boolean("nofailover", False),
         )
+        if m.ldap_starttls and m.ldap_url is None:
+            raise t.error("ldap_starttls", "needs ldap_url (an ldap:// URL to upgrade with StartTLS)")
+        if m.ldap_starttls and urlsplit(m.ldap_url or "").scheme != "ldap":
+            raise t.error("ldap_starttls", f"is for ldap:// URLs; {m.ldap_url!r} is TLS from the start already")
         t.done()
         if any(o.name == m.name for o in out):
             raise t.error("name", f"duplicate member name {m.name!r}")
@@ -643,8 +650,8 @@ def _cleartext_urls(s: Settings) -> list[tuple[str, str]]:
         for name, url, clear in (
             ("agent_url", m.agent_url, "http"),
             ("api_url", m.api_url, "http"),
-            # the daemon's LDAP probe does not use StartTLS: ldap:// binds in cleartext
-            ("ldap_url", m.ldap_url, "ldap"),
+            # ldap:// binds in cleartext unless the probe upgrades it with StartTLS first
+            ("ldap_url", None if m.ldap_starttls else m.ldap_url, "ldap"),
         ):
             if url is not None and urlsplit(url).scheme == clear and not is_loopback(urlsplit(url).hostname or ""):
                 found.append((f"cluster.members[{i}].{name}", url))

@@ -858,11 +858,17 @@ def _make_temp(dfd: int, name: str) -> tuple[int, str]:
 
 
 def _carry_metadata(fd: int, st: os.stat_result, src_fd: int) -> None:
+    """Mode and SELinux label first, while the writer still owns the new file, ownership last.
+
+    The other order needs CAP_FOWNER: once the file is pkiuser's, root changes its mode or its
+    security.selinux label only as a non-owner (fchmod and SELinux's setxattr check ownership).
+    (fchown clears set-user/group-ID bits, which a CS.cfg never has.)
+    """
+    os.fchmod(fd, st.st_mode & 0o7777)
+    _copy_selinux_label(src_fd, fd)
     own = os.fstat(fd)
     if (own.st_uid, own.st_gid) != (st.st_uid, st.st_gid):
         os.fchown(fd, st.st_uid, st.st_gid)
-    os.fchmod(fd, st.st_mode & 0o7777)
-    _copy_selinux_label(src_fd, fd)
 
 
 def _write_file(dfd: int, dest: str, data: bytes, st: os.stat_result, src_fd: int) -> None:

@@ -98,6 +98,7 @@ class Observer:
                 self.ldap_password,
                 timeout=self.s.timing.ldap_timeout,
                 ca_file=self.s.tls.ca_file,
+                starttls=self.s.me.ldap_starttls,
             )
         else:
             directory = _none()

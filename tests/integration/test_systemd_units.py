@@ -19,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = ROOT / "systemd" / "ca-watchdog.service"
 DROPIN = ROOT / "systemd" / "pki-tomcatd@.service.d" / "ca-watchdog.conf"
+GUARD_UNIT = ROOT / "systemd" / "ca-watchdog-guard@.service"
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
 
@@ -39,7 +40,9 @@ WantedBy=multi-user.target
 """
 
 
-def _stage(tmp_path: Path, service_text: str | None = None, dropin_text: str | None = None) -> Path:
+def _stage(
+    tmp_path: Path, service_text: str | None = None, dropin_text: str | None = None, guard_text: str | None = None
+) -> Path:
     """Units dir with the shipped units (optionally replaced), executables pointed at stand-ins."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -53,6 +56,8 @@ def _stage(tmp_path: Path, service_text: str | None = None, dropin_text: str | N
     dropin = (dropin_text or DROPIN.read_text()).replace("/usr/bin/ca-watchdog", f"{bindir}/ca-watchdog")
     (units / "ca-watchdog.service").write_text(service)
     (units / "pki-tomcatd@.service.d" / "ca-watchdog.conf").write_text(dropin)
+    guard = (guard_text or GUARD_UNIT.read_text()).replace("/usr/bin/ca-watchdog", f"{bindir}/ca-watchdog")
+    (units / "ca-watchdog-guard@.service").write_text(guard)
     (units / "pki-tomcatd@.service").write_text(FAKE_TOMCAT_UNIT.format(bin=bindir))
     return units
 
@@ -86,16 +91,26 @@ def problems(units: Path) -> list[str]:
     found = []
     for paths in (
         [units / "ca-watchdog.service", units / "pki-tomcatd@pki-tomcat.service"],
+        [units / "ca-watchdog-guard@pki-tomcat.service"],
         [units / "pki-tomcatd@.service"],
+        [units / "ca-watchdog-guard@.service"],
     ):
         r = _analyze_verify(paths)
         if r.returncode != 0 or (r.stdout + r.stderr).strip():
             found.append(f"verify {[p.name for p in paths]} (exit {r.returncode}):\n{r.stdout}{r.stderr}")
-    r = _analyze_verify([units / "ca-watchdog.service", units / "pki-tomcatd@pki-tomcat.service"], debug=True)
+    r = _analyze_verify(
+        [
+            units / "ca-watchdog.service",
+            units / "pki-tomcatd@pki-tomcat.service",
+            units / "ca-watchdog-guard@pki-tomcat.service",
+        ],
+        debug=True,
+    )
     out = r.stdout + r.stderr
     try:
         svc = dumped_unit(out, "ca-watchdog.service")
         tomcat = dumped_unit(out, "pki-tomcatd@pki-tomcat.service")
+        guard = dumped_unit(out, "ca-watchdog-guard@pki-tomcat.service")
     except ValueError:
         return [*found, f"no unit dump from systemd-analyze verify:\n{out[-2000:]}"]
     for line in (
@@ -106,7 +121,8 @@ def problems(units: Path) -> list[str]:
         "ProtectSystem: strict\n",
         "ProtectHome: yes\n",
         "PrivateTmp: yes\n",
-        "CapabilityBoundingSet: cap_chown cap_dac_override cap_fowner\n",
+        # issue 10: mode and label before fchown, so no CAP_FOWNER
+        "CapabilityBoundingSet: cap_chown cap_dac_override\n",
         # issue 10, finding 12: only the instance's ca/ directory and the state directory
         "ReadWritePaths: /etc/pki/pki-tomcat/ca /var/lib/ca-watchdog\n",
         "InaccessiblePaths: -/etc/pki/pki-tomcat/alias -/etc/pki/pki-tomcat/password.conf"
@@ -116,10 +132,24 @@ def problems(units: Path) -> list[str]:
     ):
         if line not in svc:
             found.append(f"systemd's view of ca-watchdog.service lacks {line!r}")
-    guard = f"Command Line: {bindir}/ca-watchdog guard --config /etc/ca-watchdog/config.toml pki-tomcat\n"
-    pre = tomcat.find("-> ExecStartPre:")
-    if pre < 0 or guard not in tomcat[pre : tomcat.find("-> ExecStart:", pre)]:
-        found.append("systemd's view of pki-tomcatd@pki-tomcat.service has no guard ExecStartPre= before ExecStart=")
+    # the guard: its own sandboxed oneshot with %i expanded (issue 10, finding 12)
+    for line in (
+        "Type: oneshot\n",
+        "ProtectSystem: strict\n",
+        "CapabilityBoundingSet: cap_chown\n",
+        "ReadWritePaths: /etc/pki/pki-tomcat/ca -/var/lib/ca-watchdog\n",
+        "InaccessiblePaths: -/etc/pki/pki-tomcat/alias -/etc/pki/pki-tomcat/password.conf"
+        " -/etc/ca-watchdog/credentials\n",
+        f"Command Line: {bindir}/ca-watchdog guard --config /etc/ca-watchdog/config.toml pki-tomcat\n",
+    ):
+        if line not in guard:
+            found.append(f"systemd's view of ca-watchdog-guard@pki-tomcat.service lacks {line!r}")
+    # the CA requires the guard and is ordered after it; no unsandboxed ExecStartPre=+ is left
+    for dep in ("Requires", "After"):
+        if f"{dep}: ca-watchdog-guard@pki-tomcat.service" not in tomcat:
+            found.append(f"systemd's view of pki-tomcatd@pki-tomcat.service has no {dep}= on the guard unit")
+    if "ca-watchdog guard" in tomcat:
+        found.append("pki-tomcatd@pki-tomcat.service still runs the guard itself")
     return found
 
 
@@ -152,7 +182,7 @@ def test_the_service_is_a_hardened_notify_service_with_a_watchdog() -> None:
     assert s["StateDirectory"] == ["ca-watchdog"]
     for key in ("ProtectHome", "PrivateTmp", "NoNewPrivileges"):
         assert s[key] == ["yes"], key
-    assert set(" ".join(s["CapabilityBoundingSet"]).split()) == {"CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE"}
+    assert set(" ".join(s["CapabilityBoundingSet"]).split()) == {"CAP_CHOWN", "CAP_DAC_OVERRIDE"}
     assert any(v.startswith("ldap-password:") for v in s["LoadCredential"])
     # systemctl must still reach PID 1 over AF_UNIX; UID 0 must stay UID 0
     assert "AF_UNIX" in " ".join(s["RestrictAddressFamilies"]).split()
@@ -188,32 +218,55 @@ def test_the_service_keeps_a_low_systemd_security_exposure(tmp_path: Path) -> No
     assert r.returncode == 0, f"exposure above 3.0:\n{r.stdout[-600:]}{r.stderr}"
 
 
-def test_the_guard_runs_as_root_before_tomcat_with_the_instance_name() -> None:
-    s = _settings(DROPIN.read_text())
-    assert "[Service]" in DROPIN.read_text()
-    assert s["ExecStartPre"] == ["+/usr/bin/ca-watchdog guard --config /etc/ca-watchdog/config.toml %i"]
-    assert "ExecStart" not in s  # a drop-in must not replace Dogtag's ExecStart=
+def test_the_guard_is_its_own_sandboxed_oneshot_that_the_ca_requires_and_follows() -> None:
+    d = _settings(DROPIN.read_text())
+    assert "[Unit]" in DROPIN.read_text() and "[Service]" not in DROPIN.read_text()
+    assert d["Requires"] == ["ca-watchdog-guard@%i.service"]
+    assert d["After"] == ["ca-watchdog-guard@%i.service"]
+    assert "ExecStartPre" not in d and "ExecStart" not in d  # nothing runs in the CA's unit, nothing "+"
+    g = _settings(GUARD_UNIT.read_text())
+    assert g["Type"] == ["oneshot"] and "RemainAfterExit" not in g  # runs again at every CA start
+    assert g["ExecStart"] == ["/usr/bin/ca-watchdog guard --config /etc/ca-watchdog/config.toml %i"]
+    assert g["Before"] == ["pki-tomcatd@%i.service"]
+    assert g["ProtectSystem"] == ["strict"]
+    assert sorted(" ".join(g["ReadWritePaths"]).split()) == ["-/var/lib/ca-watchdog", "/etc/pki/%i/ca"]
+    hidden = " ".join(g["InaccessiblePaths"]).split()
+    for path in ("/etc/pki/%i/alias", "/etc/pki/%i/password.conf", "/etc/ca-watchdog/credentials"):
+        assert f"-{path}" in hidden, path
+    for key in ("NoNewPrivileges", "PrivateTmp", "PrivateDevices", "ProtectHome", "PrivateMounts"):
+        assert g[key] == ["yes"], key
+    assert g["CapabilityBoundingSet"] == ["CAP_CHOWN"]
+    assert "LoadCredential" not in g  # the guard reads no credential unless an etcd password is added
 
 
 @pytest.mark.parametrize(
-    ("what", "service_edit", "dropin_edit"),
+    ("what", "service_edit", "dropin_edit", "guard_edit"),
     [
-        ("a missing executable", ("/usr/bin/ca-watchdog run", "/nonexistent/ca-watchdog run"), None),
-        ("an unknown key", ("\n[Service]\n", "\n[Service]\nWatchdogSecs=30s\n"), None),
-        ("a bad value", ("Type=notify", "Type=notifyy"), None),
-        ("a bad capability", ("=CAP_CHOWN CAP_FOWNER", "=CAP_CHOWN CAP_FOWNERS"), None),
-        ("a broken guard drop-in", None, ("/usr/bin/ca-watchdog guard", "/nonexistent/ca-watchdog guard")),
-        ("a typo in the drop-in", None, ("\nExecStartPre=+", "\nExecStartPer=+")),
+        ("a missing executable", ("/usr/bin/ca-watchdog run", "/nonexistent/ca-watchdog run"), None, None),
+        ("an unknown key", ("\n[Service]\n", "\n[Service]\nWatchdogSecs=30s\n"), None, None),
+        ("a bad value", ("Type=notify", "Type=notifyy"), None, None),
+        ("a bad capability", ("=CAP_CHOWN CAP_DAC_OVERRIDE", "=CAP_CHOWN CAP_DAC_OVERRIDES"), None, None),
+        ("a broken guard unit", None, None, ("/usr/bin/ca-watchdog guard", "/nonexistent/ca-watchdog guard")),
+        ("a guard with a bad capability", None, None, ("=CAP_CHOWN\n", "=CAP_CHOWNS\n")),
+        ("a typo in the drop-in", None, ("\nRequires=", "\nRequire="), None),
+        ("a drop-in that no longer requires the guard", None, ("\nRequires=", "\nWants="), None),
     ],
 )
 def test_verify_catches_a_broken_unit(
-    tmp_path: Path, what: str, service_edit: tuple[str, str] | None, dropin_edit: tuple[str, str] | None
+    tmp_path: Path,
+    what: str,
+    service_edit: tuple[str, str] | None,
+    dropin_edit: tuple[str, str] | None,
+    guard_edit: tuple[str, str] | None,
 ) -> None:
-    service, dropin = SERVICE.read_text(), DROPIN.read_text()
+    service, dropin, guard = SERVICE.read_text(), DROPIN.read_text(), GUARD_UNIT.read_text()
     if service_edit:
         assert service_edit[0] in service
         service = service.replace(service_edit[0], service_edit[1], 1)
     if dropin_edit:
         assert dropin_edit[0] in dropin
         dropin = dropin.replace(dropin_edit[0], dropin_edit[1], 1)
-    assert problems(_stage(tmp_path, service, dropin)), f"verify did not notice {what}"
+    if guard_edit:
+        assert guard_edit[0] in guard
+        guard = guard.replace(guard_edit[0], guard_edit[1], 1)
+    assert problems(_stage(tmp_path, service, dropin, guard)), f"verify did not notice {what}"

@@ -39,6 +39,7 @@ INBED_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # names inside the bed (inbed-install.sh)
 SERVICE = "ca-watchdog.service"
 CA_UNIT = "pki-tomcatd@pki-tomcat.service"
+GUARD_UNIT = "ca-watchdog-guard@pki-tomcat.service"  # the sandboxed guard oneshot the CA requires
 CONFIG = "/etc/ca-watchdog/config.toml"
 CS_CFG = "/etc/pki/pki-tomcat/ca/CS.cfg"
 CREDENTIAL = "/etc/ca-watchdog/credentials/ldap-password"
@@ -157,9 +158,12 @@ class SystemdBed:
     def messages(self, cursor: str | None, *matches: str) -> list[str]:
         return [str(r.get("MESSAGE", "")) for r in self.journal(cursor, *matches)]
 
-    def unit_log(self, cursor: str | None, unit: str) -> list[dict[str, Any]]:
-        """What PID 1 says about ``unit`` and what the unit's processes log, in journal order."""
-        return self.journal(cursor, f"_SYSTEMD_UNIT={unit}", "+", "_PID=1", f"UNIT={unit}")
+    def unit_log(self, cursor: str | None, *units: str) -> list[dict[str, Any]]:
+        """What PID 1 says about ``units`` and what their processes log, in journal order."""
+        matches: list[str] = []
+        for unit in units:
+            matches += [*(["+"] if matches else []), f"_SYSTEMD_UNIT={unit}", "+", "_PID=1", f"UNIT={unit}"]
+        return self.journal(cursor, *matches)
 
     def wait_for_message(self, cursor: str | None, pred: Callable[[dict[str, Any]], bool], timeout: float,
                          *matches: str) -> dict[str, Any]:  # fmt: skip

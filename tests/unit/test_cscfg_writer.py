@@ -287,3 +287,51 @@ def test_selinux_label_is_copied_when_the_file_has_one(instance: Path, monkeypat
     monkeypatch.setattr(os, "setxattr", setxattr)
     write_cscfg(demote(read_cscfg(instance), "ca2", 8443))
     assert seen == [label, label]  # the backup and the new file
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_mode_and_label_are_set_before_ownership_so_cap_fowner_is_not_needed(
+    instance: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # issue 10: once the new file is pkiuser's, root may change its mode or SELinux label only
+    # with CAP_FOWNER; done while root still owns it, CAP_CHOWN is enough
+    label = b"system_u:object_r:pki_tomcat_etc_rw_t:s0\0"
+    calls: list[str] = []
+    real_fchown = os.fchown
+    monkeypatch.setattr(os, "getxattr", lambda path, name: label)
+    monkeypatch.setattr(os, "setxattr", lambda fd, name, value: calls.append("label"))
+    real_fchmod = os.fchmod
+    monkeypatch.setattr(os, "fchmod", lambda fd, mode: (calls.append("mode"), real_fchmod(fd, mode))[1])
+    monkeypatch.setattr(os, "fchown", lambda fd, uid, gid: (calls.append("owner"), real_fchown(fd, uid, gid))[1])
+    os.chown(instance, 1234, 1234)  # pkiuser's: the writer (root) must hand the new files over
+    write_cscfg(demote(read_cscfg(instance), "ca2", 8443))
+    # the backup, then the new file: each mode, label, then owner
+    assert calls == ["mode", "label", "owner", "mode", "label", "owner"], calls
+
+
+WRITE_WITHOUT_FOWNER = """
+import os, sys
+from ca_watchdog.cscfg import demote, read_cscfg, write_cscfg
+status = open("/proc/self/status").read()
+cap_eff = int(next(l for l in status.splitlines() if l.startswith("CapEff:")).split()[1], 16)
+assert cap_eff & (1 << 0) and not cap_eff & (1 << 3), hex(cap_eff)  # CAP_CHOWN yes, CAP_FOWNER no
+print(write_cscfg(demote(read_cscfg(sys.argv[1]), "ca2", 8443)).backup)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_owner_group_and_mode_are_kept_by_a_root_writer_without_cap_fowner(instance: Path) -> None:
+    # what ca-watchdog.service and the guard unit run with: CapabilityBoundingSet= without CAP_FOWNER
+    os.chown(instance.parent, 1234, 1234)
+    os.chmod(instance.parent, 0o770)
+    os.chown(instance, 1234, 1234)
+    os.chmod(instance, 0o640)
+    p = subprocess.run(
+        ["setpriv", "--bounding-set", "-fowner", os.sys.executable, "-c", WRITE_WITHOUT_FOWNER, str(instance)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(os.sys.path)},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert read_cscfg(instance).get("ca.crl.MasterCRL.enableCRLUpdates") == "false"
+    for path in (instance, Path(p.stdout.strip())):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 1234, 0o640), path

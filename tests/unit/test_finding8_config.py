@@ -272,3 +272,85 @@ def test_finding8_a_crl_not_signed_by_the_client_ca_fails_check_config(
     refused(tmp_path, d, "api.crl_file", capsys)
     crl.write_bytes(_crl(LabCA.load(pki.ca_cert, pki.ca_key), [], dt.datetime.now(dt.UTC) + dt.timedelta(days=1)))
     assert check(tmp_path, copy.deepcopy(d), capsys)[0] == 0
+
+
+# ---- ldap_starttls: ldap:// to another host only when the probe upgrades it before the bind ----------
+
+
+def test_finding8_ldap_url_to_another_host_with_ldap_starttls_is_accepted_and_not_listed_insecure(
+    tmp_path: Path, pki: LabPKIFiles, capsys: Any
+) -> None:
+    from ca_watchdog.config import load_settings
+
+    d = base(tmp_path, pki)
+    d["cluster"]["members"][1]["ldap_url"] = "ldap://ca2.example.test:389"
+    d["cluster"]["members"][1]["ldap_starttls"] = True
+    rc, out = check(tmp_path, d, capsys)
+    assert rc == 0, out
+    assert "INSECURE" not in out and "cleartext" not in out, out
+    s = load_settings(tmp_path / "config.toml")
+    assert s.member("ca2").ldap_starttls is True and s.member("ca1").ldap_starttls is False
+    assert s.insecure == ()
+
+
+def test_finding8_ldap_starttls_false_still_refuses_ldap_url_to_another_host(
+    tmp_path: Path, pki: LabPKIFiles, capsys: Any
+) -> None:
+    d = base(tmp_path, pki)
+    d["cluster"]["members"][1]["ldap_url"] = "ldap://ca2.example.test:389"
+    d["cluster"]["members"][1]["ldap_starttls"] = False
+    out = refused(tmp_path, d, "cluster.members[1].ldap_url", capsys)
+    assert "cleartext" in out
+
+
+@pytest.mark.parametrize(
+    ("ldap_url", "value", "says"),
+    [
+        ("ldaps://ca2.example.test:636", True, "is for ldap:// URLs"),
+        (None, True, "needs ldap_url"),
+        ("ldap://ca2.example.test:389", "yes", "true or false"),
+    ],
+)
+def test_finding8_ldap_starttls_misused_is_refused_naming_the_key(
+    tmp_path: Path, pki: LabPKIFiles, capsys: Any, ldap_url: str | None, value: Any, says: str
+) -> None:
+    d = base(tmp_path, pki)
+    member = d["cluster"]["members"][1]
+    if ldap_url is None:
+        del member["ldap_url"]
+    else:
+        member["ldap_url"] = ldap_url
+    member["ldap_starttls"] = value
+    out = refused(tmp_path, d, "cluster.members[1].ldap_starttls", capsys)
+    assert says in out, out
+
+
+@pytest.mark.parametrize("starttls", [True, False])
+async def test_finding8_the_daemon_probes_its_directory_with_ldap_starttls(
+    tmp_path: Path, pki: LabPKIFiles, monkeypatch: pytest.MonkeyPatch, starttls: bool
+) -> None:
+    from ca_watchdog import observe
+    from ca_watchdog.config import parse_settings
+    from ca_watchdog.metrics import Metrics
+    from ca_watchdog.probes.agent import AgentStatus
+
+    d = base(tmp_path, pki)
+    d["cluster"]["members"][0]["ldap_url"] = "ldap://ca1.example.test:389"
+    d["cluster"]["members"][0]["ldap_starttls"] = starttls
+    d["cluster"]["insecure"] = True  # (for the starttls = false case only)
+    settings = parse_settings(d, "config.toml")
+    calls: list[dict[str, Any]] = []
+
+    async def probe_directory(url: str, *args: Any, **kwargs: Any) -> None:
+        calls.append({"url": url, **kwargs})
+
+    class CA:
+        async def status(self) -> AgentStatus:
+            return AgentStatus("down", "test", None, None, None, 0.0)
+
+    monkeypatch.setattr(observe, "probe_directory", probe_directory)
+    obs = observe.Observer(settings, CA(), None, Metrics("ca1"), "pw")  # type: ignore[arg-type]
+    await obs.observe(None, False)
+    assert [(c["url"], c["starttls"], c["ca_file"]) for c in calls] == [
+        ("ldap://ca1.example.test:389", starttls, str(pki.ca_cert))
+    ]

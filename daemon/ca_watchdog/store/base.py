@@ -26,6 +26,7 @@ import abc
 import json
 import logging
 import math
+import reprlib
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -169,11 +170,27 @@ def dumps(value: Mapping[str, Any]) -> str:
     return json.dumps(dict(value), separators=(",", ":"), sort_keys=True, allow_nan=False)
 
 
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 2, 60, 60, 60
+_SHOW.maxlist = _SHOW.maxdict = _SHOW.maxtuple = 4
+
+
+def _show(v: object) -> str:
+    """A short, bounded repr of a hostile value for an error message (never its whole text, never
+    a RecursionError on a deeply nested one)."""
+    try:
+        return _SHOW.repr(v)
+    except Exception:  # a message must not fail: say what it was instead
+        return f"a {type(v).__name__}"
+
+
 def _obj(raw: str | bytes) -> dict[str, Any]:
     try:
         v = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RecordError(f"not JSON ({exc})") from None
+        raise RecordError(f"not JSON ({_show(str(exc))})") from None
+    except RecursionError:
+        raise RecordError("not a record: JSON nested too deeply") from None
     if not isinstance(v, dict):
         raise RecordError(f"not a JSON object but {type(v).__name__}")
     return v
@@ -182,7 +199,7 @@ def _obj(raw: str | bytes) -> dict[str, Any]:
 def _str(d: Mapping[str, Any], k: str) -> str:
     v = d.get(k)
     if not isinstance(v, str):
-        raise RecordError(f"{k!r} must be a string, not {v!r}")
+        raise RecordError(f"{_show(k)} must be a string, not {_show(v)}")
     return v
 
 
@@ -190,21 +207,21 @@ def _num(d: Mapping[str, Any], k: str) -> float:
     v = d.get(k)
     # bool is an int in Python; a JSON true is not a time
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise RecordError(f"{k!r} must be a number, not {v!r}")
+        raise RecordError(f"{_show(k)} must be a number, not {_show(v)}")
     return float(v)
 
 
 def _int(d: Mapping[str, Any], k: str, minimum: int) -> int:
     v = d.get(k)
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise RecordError(f"{k!r} must be an integer >= {minimum}, not {v!r}")
+        raise RecordError(f"{_show(k)} must be an integer >= {minimum}, not {_show(v)}")
     return v
 
 
 def _member_name(d: Mapping[str, Any], k: str, members: Collection[str]) -> str:
     name = _str(d, k)
     if name not in members:
-        raise RecordError(f"{k!r} names {name!r}, which is not a cluster member")
+        raise RecordError(f"{_show(k)} names {_show(name)}, which is not a cluster member")
     return name
 
 
@@ -245,7 +262,7 @@ def encode_epoch_record(r: EpochRecord) -> str:
 def _opt_str(d: Mapping[str, Any], k: str) -> str | None:
     v = d.get(k)
     if v is not None and not isinstance(v, str):
-        raise RecordError(f"{k!r} must be a string or null, not {v!r}")
+        raise RecordError(f"{_show(k)} must be a string or null, not {_show(v)}")
     return v
 
 
@@ -253,16 +270,16 @@ def decode_epoch_record(raw: str | bytes, members: Collection[str]) -> EpochReco
     d = _obj(raw)
     kind = d.get("kind", "automatic")
     if kind not in ACQUIRE_KINDS:
-        raise RecordError(f"'kind' must be one of {', '.join(ACQUIRE_KINDS)}, not {kind!r}")
+        raise RecordError(f"'kind' must be one of {', '.join(ACQUIRE_KINDS)}, not {_show(kind)}")
     ended = _opt_str(d, "ended")
     reason = _str(d, "reason")
     if "ended" not in d and reason.startswith("released: "):  # the first version's release marker
         ended = ENDED_RELEASED
     if ended not in (None, ENDED_RELEASED):
-        raise RecordError(f"'ended' must be null or {ENDED_RELEASED!r}, not {ended!r}")
+        raise RecordError(f"'ended' must be null or {_show(ENDED_RELEASED)}, not {_show(ended)}")
     previous_ended = _opt_str(d, "previous_ended")
     if previous_ended not in (None, ENDED_RELEASED, ENDED_EXPIRED):
-        raise RecordError(f"'previous_ended' must be null, released or expired, not {previous_ended!r}")
+        raise RecordError(f"'previous_ended' must be null, released or expired, not {_show(previous_ended)}")
     ended_at = d.get("ended_at")
     previous = _opt_str(d, "previous")
     target = _opt_str(d, "target")
@@ -324,14 +341,14 @@ def encode_member(name: str, payload: Mapping[str, Any], updated_at: float) -> s
 
 def decode_member(key_name: str, raw: str | bytes, members: Collection[str]) -> MemberRecord:
     if key_name not in members:
-        raise RecordError(f"{key_name!r} is not a cluster member")
+        raise RecordError(f"{_show(key_name)} is not a cluster member")
     d = _obj(raw)
     name = _str(d, "name")
     if name != key_name:
-        raise RecordError(f"record names {name!r} under the key of {key_name!r}")
+        raise RecordError(f"record names {_show(name)} under the key of {_show(key_name)}")
     payload = d.get("payload")
     if not isinstance(payload, dict):
-        raise RecordError(f"'payload' must be a JSON object, not {payload!r}")
+        raise RecordError(f"'payload' must be a JSON object, not {_show(payload)}")
     return MemberRecord(name=name, payload=payload, updated_at=_num(d, "updated_at"))
 
 
@@ -345,7 +362,7 @@ def decode_crl(raw: str | bytes, members: Collection[str]) -> CRLBlock:
     d = _obj(raw)
     lines = d.get("lines")
     if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
-        raise RecordError(f"'lines' must be a list of strings, not {lines!r}")
+        raise RecordError(f"'lines' must be a list of strings, not {_show(lines)}")
     return CRLBlock(
         name=_member_name(d, "name", members),
         epoch=_int(d, "epoch", 1),
@@ -385,7 +402,7 @@ def decode_switchover(raw: str | bytes, members: Collection[str]) -> SwitchoverR
             requested_at=_num(d, "requested_at"),
             requested_by=_str(d, "requested_by"),
         )
-    raise RecordError(f"'kind' must be one of {', '.join(SWITCHOVER_KINDS)}, not {kind!r}")
+    raise RecordError(f"'kind' must be one of {', '.join(SWITCHOVER_KINDS)}, not {_show(kind)}")
 
 
 def encode_history(at: float, event: Mapping[str, Any]) -> str:
@@ -396,7 +413,7 @@ def decode_history(seq: int, raw: str | bytes) -> HistoryEvent:
     d = _obj(raw)
     event = d.get("event")
     if not isinstance(event, dict):
-        raise RecordError(f"'event' must be a JSON object, not {event!r}")
+        raise RecordError(f"'event' must be a JSON object, not {_show(event)}")
     return HistoryEvent(seq=seq, at=_num(d, "at"), event=event)
 
 
