@@ -53,16 +53,6 @@ TTL = 30  # [timing].ttl in the bed's config (the default)
 STORE_DIR = "/var/lib/ca-watchdog"
 GUARD = "ca-watchdog guard:"
 
-# Only the plain `assert` on the EPOCH field is expected to fail (AssertionError); everything else
-# in those tests goes through require()/first() (pytest.fail), which xfail(raises=...) does not hide.
-EPOCH_DEFECT = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="daemon defect: loop.py report() logs EPOCH = view.leader.epoch of the view the decision was made "
-    "on (no leader: 0), not the epoch the bootstrap/promotion took",
-)
-
-
 # ---- steps the tests share ---------------------------------------------------------------------------
 
 
@@ -117,7 +107,7 @@ def store_says(bed: SystemdBed, master: str) -> int:
 
 
 def require(condition: bool, message: str) -> None:
-    """A precondition: a failure, never an expected one (see EPOCH_DEFECT)."""
+    """A precondition of a test: a plain failure with the message."""
     if not condition:
         pytest.fail(message)
 
@@ -603,7 +593,6 @@ def test_the_daemon_promotes_its_ca_through_systemctl_from_inside_its_sandbox(pr
     assert not int(promotion["proc_capbnd"], 16) & (1 << 3), promotion["proc_capbnd"]  # CAP_FOWNER = 3
 
 
-@EPOCH_DEFECT
 def test_journalctl_finds_the_promote_line_by_action_and_the_epoch_it_created(promotion: dict[str, Any]) -> None:
     # the operator's query: `journalctl -u ca-watchdog ACTION=promote EPOCH=N` for the epoch the
     # member holds after the promotion
@@ -614,7 +603,6 @@ def test_journalctl_finds_the_promote_line_by_action_and_the_epoch_it_created(pr
     require(found[0]["MESSAGE"] == "promote: ca2's lease ended; elected ca1 from ca1", found[0]["MESSAGE"])
 
 
-# (was EPOCH_DEFECT too: since the HA core's second generation the bootstrap line carries its epoch)
 def test_journalctl_finds_the_bootstrap_line_by_action_and_the_epoch_it_created(bed: SystemdBed) -> None:
     c = bed.cursor()
     bed.systemctl("start", SERVICE)  # empty store, master CS.cfg: the first cycle bootstraps ca1
