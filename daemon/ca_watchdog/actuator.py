@@ -83,6 +83,7 @@ class Actuator:
     def facts(self, leaderless_for: float) -> LocalFacts:
         return LocalFacts(
             seconds_since_renew=self.lease_age(),
+            held_epoch=self.held_epoch if self.last_renew is not None else None,
             uptime=time.monotonic() - self.started,
             restarted_in_incident=self.restarted_in_incident,
             leaderless_for=leaderless_for,

@@ -22,6 +22,7 @@ class LocalFacts:
     own start, whether it already restarted its CA in this incident, and an earlier run's journal."""
 
     seconds_since_renew: float | None = None
+    held_epoch: int | None = None  # the epoch of the key the actuator holds (renewed seconds_since_renew ago)
     uptime: float = float("inf")
     restarted_in_incident: bool = False
     leaderless_for: float = 0.0
@@ -124,6 +125,11 @@ def build_view(
             unfinished_step=facts.unfinished_step,
         )
         leader_view = None
+        age = facts.seconds_since_renew
+        if facts.held_epoch is not None and age is not None and age < policy.ttl - policy.safety_margin:
+            # my own lease, proven by a renewal this recently: still mine through a store blip, so /master
+            # keeps answering (the decision goes by the lease age, not by this)
+            leader_view = LeaderView(me, facts.held_epoch, now + policy.ttl - age)
     return ClusterView(
         now=now,
         me=me,

@@ -40,7 +40,15 @@ def settings(tmp_path: Path, **timing: Any) -> Any:
         {
             "node": {"name": "ca2", "cs_cfg": str(tmp_path / "CS.cfg")},
             "store": {"path": str(tmp_path / "state.db")},
-            "timing": {"interval": 0.2, "ttl": 10.0, "safety_margin": 2.0, "store_timeout": 1.0, **timing},
+            "timing": {
+                "interval": 0.2,
+                "ttl": 10.0,
+                "safety_margin": 2.0,
+                "store_timeout": 1.0,
+                "agent_timeout": 0.5,
+                "ldap_timeout": 0.5,
+                **timing,
+            },
             "cluster": {"members": [{"name": n, "agent_url": f"https://{n}.example.test:8443"} for n in NAMES]},
         }
     )
@@ -391,3 +399,13 @@ async def test_defect14_renewals_keep_their_cadence_while_a_cycle_is_stuck_in_sl
     age = a.lease_age()
     assert age is not None and age < 1.0
     await store.close()
+
+
+def test_defect19_a_store_blip_keeps_my_proven_lease_in_the_view_so_master_keeps_answering(tmp_path: Path) -> None:
+    me = st("ca2", role="master")
+    fresh = LocalFacts(uptime=100.0, seconds_since_renew=1.5, held_epoch=7)
+    v = view_for(tmp_path, me, None, {}, facts=fresh)
+    assert not v.store_ok and v.leader is not None and (v.leader.name, v.leader.epoch) == ("ca2", 7)
+    assert decide(v).action is Action.WAIT  # decided by the lease age, without the store
+    old = LocalFacts(uptime=100.0, seconds_since_renew=9.0, held_epoch=7)  # past ttl - safety_margin
+    assert view_for(tmp_path, me, None, {}, facts=old).leader is None
