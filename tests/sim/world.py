@@ -660,6 +660,10 @@ class SimProbe:
         st = await self.status(url)
         if st.status != "running":
             return AgentInfo(None, None, ok=False, error=st.reason)
+        if self.w.faults_on and self.w.rng.random() < 0.03:
+            # a loaded CA that just started: getInfo times out once (seen on the real Dogtag bed)
+            await asyncio.sleep(self.timeout)
+            return AgentInfo(None, None, ok=False, error=REASON_NO_ANSWER)
         ca = self.w.hosts[self._target(url)].ca
         if ca.loaded_role == "master":
             return AgentInfo(None, None)
