@@ -51,8 +51,9 @@ def main() -> int:
     bad = [r for r in results if r.violations]
     for r in bad:
         print(f"seed {r.seed}: {r.violations[0]}\n  replay: {replay_command(r.seed)}")
-    print(f"{len(results)} histories in {took:.0f}s, {len(bad)} failing, "
-          f"{sum(r.failovers for r in results)} promotions")
+    print(
+        f"{len(results)} histories in {took:.0f}s, {len(bad)} failing, {sum(r.failovers for r in results)} promotions"
+    )
     return 1 if bad else 0
 
 

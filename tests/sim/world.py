@@ -245,9 +245,7 @@ class World:
                 "fence_command": ["/bin/true"],  # replaced by the simulated STONITH (sim_fence)
             },
             "cluster": {
-                "members": [
-                    {"name": n, "agent_url": f"https://{n}.sim.test:8443", "priority": 100} for n in self.names
-                ]
+                "members": [{"name": n, "agent_url": f"https://{n}.sim.test:8443", "priority": 100} for n in self.names]
             },
         }
         return parse_settings(raw, source=f"sim {name}")
@@ -326,6 +324,9 @@ class World:
             await asyncio.Event().wait()
 
     p_crash = 0.0005
+    # False: the daemon's own starts skip the guard (a start_command without it), to test the daemon alone;
+    # starts at boot always run it (without a guard nothing keeps a returning master's CS.cfg off)
+    guard_on_daemon_starts = True
 
     # ---- daemons ----
 
@@ -503,6 +504,13 @@ def cut_store(w: World) -> None:
     asyncio.get_running_loop().call_later(w.rng.uniform(1, 30), _uncut_store, w, n)
 
 
+def _cut_store_of(w: World, n: str, seconds: float) -> None:
+    if w.faults_on:
+        w.note(f"FAULT {n} cut from the store (just after taking the key)")
+        w.hosts[n].store_cut = True
+        asyncio.get_running_loop().call_later(seconds, _uncut_store, w, n)
+
+
 def _uncut_store(w: World, n: str) -> None:
     w.hosts[n].store_cut = False
 
@@ -606,11 +614,14 @@ class SimService:
         if h.ca.state in ("starting", "running") and not h.ca.frozen:
             return  # start of an active unit does nothing
         settings = h.settings
-        try:
-            result = await guard.guard(settings, SimStore(self.w, self.host, gated=self.gated))
-        except (guard.GuardRefusal, cscfg.CSCfgError) as exc:
-            raise ServiceError(f"guard refused: {exc}") from None
-        self.w.note(f"{self.host}: guard: {result.message}")
+        if self.gated and not self.w.guard_on_daemon_starts:
+            self.w.note(f"{self.host}: started without the guard")
+        else:
+            try:
+                result = await guard.guard(settings, SimStore(self.w, self.host, gated=self.gated))
+            except (guard.GuardRefusal, cscfg.CSCfgError) as exc:
+                raise ServiceError(f"guard refused: {exc}") from None
+            self.w.note(f"{self.host}: guard: {result.message}")
         h.ca.state = "stopped"
         self.w.ca_start(self.host)
         self.w.safe_check(f"{self.host} start")
@@ -781,6 +792,10 @@ class SimStore(Store):
             self.s.leader = SimLeader(name, rec.epoch, now, now, now + ttl, reason)
             self.s.version += 1
             self.w.note(f"store: {name} acquires epoch {rec.epoch} ({kind})")
+            if self.w.faults_on and self.w.rng.random() < 0.15:
+                # the adversary's favourite moment: cut the new holder off right in its promotion
+                loop = asyncio.get_running_loop()
+                loop.call_later(self.w.rng.uniform(0.05, 3.0), _cut_store_of, self.w, name, self.w.rng.uniform(3, 25))
             return self.s.record(self.s.leader)
 
         return await self._op("acquire", op)
@@ -1046,4 +1061,3 @@ def _patched_fence() -> Any:
 
 
 __all__ = ["ENDED_RELEASED", "LIVENESS_BOUND", "UNLEASED_BOUND", "Result", "World", "run_history"]
-
