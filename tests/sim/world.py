@@ -215,6 +215,8 @@ class World:
         self.faults_on = True
         self.crls: list[tuple[float, str]] = []
         self.cooldown = self.rng.choice((0.0, 0.0, 30.0))
+        # in some histories the daemon's own starts skip the guard: its own lease check must suffice
+        self.guard_on_daemon_starts = self.rng.random() < 0.7
         self.template = cscfg.parse(
             resources.files("ca_watchdog.lab").joinpath("CS.cfg.template").read_bytes(), "template"
         )
