@@ -47,6 +47,8 @@ async def _no_check() -> None:
 
 Check = Callable[[], Awaitable[None]]
 
+LIVENESS_TIMEOUT = 5.0  # systemctl show, during a start whose port still refuses
+
 
 class LocalCA:
     def __init__(self, settings: Settings, service: ServiceControl, probe: AgentProbe) -> None:
@@ -60,7 +62,11 @@ class LocalCA:
     async def status(self) -> AgentStatus:
         """Can the CA serve (getStatus and a database read), with a start in progress read as starting."""
         st = await self.probe.serving(self.url)
-        return self.startup.classify(st, time.monotonic())
+        now = time.monotonic()
+        if self.startup.needs_liveness(st, now) and await self.service.alive(LIVENESS_TIMEOUT) is False:
+            log.error("%s: the CA's process is gone before its port ever accepted: the start failed", self.service.name)
+            self.startup.process_died(now)
+        return self.startup.classify(st, now)
 
     async def stop(self) -> None:
         t = self.settings.timing
@@ -97,6 +103,8 @@ class LocalCA:
             now = time.monotonic()
             if st.status == "running":
                 return st
+            if self.startup.died:
+                raise NodeError(f"CA failed to start: {st.reason}")
             failing_since = (failing_since or now) if st.status == "down" else None
             if now > deadline or (failing_since is not None and now - failing_since > self.startup.failed_start_grace):
                 raise NodeError(

@@ -291,6 +291,7 @@ class RealCluster:
                 'service_control = "command"',
                 f"start_command = {_toml(self.bed.ca_start_command(inst, guard_config=cfg))}",
                 f"stop_command = {_toml(self.bed.ca_stop_command(inst))}",
+                f"pid_file = {_toml(str(ca.pid_file))}",
                 'ldap_bind_dn = "cn=Directory Manager"',
                 f"ldap_password_file = {_toml(str(self.password))}",
                 "",
