@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ca_watchdog import service
+from ca_watchdog import cscfg, service
 from ca_watchdog.config import parse_settings
 from ca_watchdog.node import LocalCA, NodeError
 from ca_watchdog.probes.agent import REASON_NO_ANSWER, REASON_REFUSED, AgentInfo, AgentStatus
@@ -200,3 +200,37 @@ def test_systemd_unit_state_tells_whether_the_ca_process_runs(
     monkeypatch.setattr(service, "run_argv", fake_run)
     assert asyncio.run(SystemdService("pki-tomcatd@pki-tomcat.service").alive(5)) is alive
     assert seen == [["systemctl", "show", "-p", "ActiveState,MainPID", "pki-tomcatd@pki-tomcat.service"]]
+
+
+# ---- b) one getInfo timeout right after the promoted CA says running ------------------------------
+
+TIMEOUT = AgentInfo(None, None, ok=False, error="timeout")
+
+
+def promote(ca: LocalCA) -> None:
+    asyncio.run(ca.promote(["ca.crl.MasterCRL.enable=true"]))
+
+
+def test_one_getinfo_timeout_after_the_promoted_ca_runs_is_retried_not_rolled_back(tmp_path: Path) -> None:
+    probe = Probe([refused(), RUNNING], [TIMEOUT, AgentInfo(None, None)])
+    ca = local_ca(tmp_path, Unit(alive=True), probe)
+    promote(ca)
+    assert probe.info_calls == 2
+    assert cscfg.classify(ca.read()).role is cscfg.Role.MASTER
+
+
+def test_a_getinfo_that_names_a_master_host_fails_the_promotion_at_once(tmp_path: Path) -> None:
+    probe = Probe([refused(), RUNNING], [AgentInfo("ca2.example", 8443), AgentInfo(None, None)])
+    ca = local_ca(tmp_path, Unit(alive=True), probe)
+    with pytest.raises(NodeError, match="master_host"):
+        promote(ca)
+    assert probe.info_calls == 1
+
+
+def test_a_getinfo_that_keeps_failing_fails_the_promotion_by_start_timeout(tmp_path: Path) -> None:
+    probe = Probe([refused(), RUNNING], [TIMEOUT])
+    ca = local_ca(tmp_path, Unit(alive=True), probe, start_timeout=2)
+    t0 = time.monotonic()
+    with pytest.raises(NodeError, match="getInfo failed"):
+        promote(ca)
+    assert time.monotonic() - t0 < 4
