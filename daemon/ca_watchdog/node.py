@@ -89,6 +89,7 @@ class LocalCA:
             await self.service.start(self.settings.timing.start_timeout)
         except ServiceError as exc:
             raise NodeError(f"starting {self.service.name}: {exc}") from exc
+        self.startup.start_returned()  # from now on, the service can tell whether the CA's process runs
 
     async def wait_running(self) -> AgentStatus:
         """Poll until the CA serves (Type=simple units return before the CA is ready).

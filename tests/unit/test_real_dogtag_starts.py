@@ -112,6 +112,42 @@ def test_a_start_whose_process_is_gone_before_its_port_accepts_fails_at_once(tmp
     assert st.status == "down" and "died starting" in (st.reason or "")
 
 
+class SlowStartUnit(Unit):
+    """A start command that takes a while (bed.sh ca-start: 1.6 s; ExecStartPre under systemd): until
+    it returns there is no pid file yet and the unit may still read inactive."""
+
+    def __init__(self) -> None:
+        super().__init__(alive=False)
+        self.returned = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def start(self, timeout: float) -> None:
+        self.calls.append("start")
+        await self.go_on.wait()
+        self.process_alive = True
+        self.returned.set()
+
+
+def test_a_ca_probed_while_its_start_command_still_runs_is_starting_not_dead(tmp_path: Path) -> None:
+    """Seen on the real bed: the cycle's probe ran during `bed.sh ca-start`, found no pid file yet, and
+    every start was read as a death; promotions rolled back one after the other."""
+    unit = SlowStartUnit()
+    ca = local_ca(tmp_path, unit, Probe([refused()]))
+
+    async def go() -> tuple[AgentStatus, AgentStatus]:
+        start = asyncio.create_task(ca.start())
+        await asyncio.sleep(0.05)
+        during = await ca.status()
+        unit.go_on.set()
+        await start
+        return during, await ca.status()
+
+    during, after = asyncio.run(go())
+    assert during.status == "starting", during
+    assert after.status == "starting", after
+    assert unit.calls.count("alive") == 1  # asked once the command had returned, not before
+
+
 def test_a_refused_port_of_a_start_whose_process_runs_is_still_starting(tmp_path: Path) -> None:
     for alive in (True, None):  # None: the service cannot tell, which never reads as dead
         unit = Unit(alive=alive)
@@ -135,6 +171,8 @@ def test_the_process_is_only_asked_about_while_the_port_has_never_accepted(tmp_p
 def test_the_startup_watch_reads_a_dead_process_as_a_failed_start() -> None:
     w = StartupWatch(start_timeout=180)
     w.start_issued(0.0)
+    assert not w.needs_liveness(refused(), 0.5)  # the start command still runs: nothing to ask yet
+    w.start_returned()
     assert w.needs_liveness(refused(), 1.0)
     w.process_died(1.0)
     assert not w.needs_liveness(refused(), 2.0)  # asked once
