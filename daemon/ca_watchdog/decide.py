@@ -510,11 +510,17 @@ def _ranked(v: ClusterView, old_master: str | None) -> tuple[list[str], list[str
 
 
 def _promoting(v: ClusterView, leader: str) -> str | None:
-    """The step of a promotion the key holder reports in progress (its fresh record's `busy`), if any."""
+    """What says the key holder's promotion is in progress, if anything does: its fresh record's `busy`
+    is a promotion step, or it still reports a clone CS.cfg (the record it published before taking the
+    key: a holder with a clone CS.cfg completes the promotion or rolls it back, both bounded)."""
     st = v.records.get(leader)
-    if st is None or _stale(v, st) or not st.busy or not st.busy.startswith("promote"):
+    if st is None or _stale(v, st):
         return None
-    return st.busy
+    if st.busy and st.busy.startswith("promote"):
+        return st.busy
+    if st.cscfg_role == CLONE:
+        return "its CS.cfg is still a clone's"
+    return None
 
 
 def _successor_after_release(v: ClusterView, old: str | None) -> str | None:

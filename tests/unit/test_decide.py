@@ -1198,6 +1198,19 @@ def test_clone_whose_ca_is_down_waits_while_the_new_master_reports_its_promotion
     # another long action of the master (a restart) does not hold it back either
     states["ca1"] = master("ca1", busy="restart: starting")
     expect(decide_for("ca2", states), Action.FOLLOW, target="ca1")
+    # nor a master whose CA is down: the clone must run to be elected in its place
+    states["ca1"] = master("ca1", ca_status=CA_DOWN, ca_down_streak=N)
+    expect(decide_for("ca2", states), Action.FOLLOW, target="ca1")
+
+
+def test_clone_whose_ca_is_down_waits_for_a_new_key_holder_whose_record_is_still_a_clones() -> None:
+    """Seen on the real bed: the old master saw the new holder 0.3 s after it took the key, before it
+    published `busy`; its record from just before still said clone."""
+    states = healthy()
+    states["ca1"] = clone("ca1", of="ca3", seen=None)
+    states["ca2"] = clone("ca2", ca_status=CA_DOWN, ca_down_streak=N, ca_reason="stopped")
+    d = decide_for("ca2", states)
+    expect(d, Action.WAIT, says=("waits until ca1's promotion", "still a clone's"))
 
 
 def test_a_master_cscfg_on_a_non_holder_is_demoted_even_while_the_new_master_promotes() -> None:
