@@ -83,6 +83,9 @@ def one_run(c: RealCluster, master: str) -> dict[str, Any]:
     out["start_s"] = float(promoted["running_at"]) - float(promoted["written_at"])
     out["total_s"] = float(promoted["running_at"]) - fault_wall
     out["seen_from_outside_s"] = seen
+    # and the old master back as a clone (a steady cluster): its clone start now waits for the new master
+    wait_until(lambda: c.steady() == promoted["name"], 400, 0.25, "the old master back as a clone\n" + c.logs())
+    out["clone_back_s"] = time.monotonic() - fault
     for k, v in list(out.items()):
         if isinstance(v, float):
             out[k] = round(v, 2)
@@ -126,7 +129,10 @@ def main() -> int:
     floor = detection_setting + statistics.median(start_alone)
     result = {
         "runs": runs,
-        "median": {k: med(runs, k) for k in ("detection_s", "decision_s", "stop_s", "write_s", "start_s", "total_s")},
+        "median": {
+            k: med(runs, k)
+            for k in ("detection_s", "decision_s", "stop_s", "write_s", "start_s", "total_s", "clone_back_s")
+        },
         "start_alone_s": [round(s, 2) for s in start_alone],
         "floor_s": round(floor, 2),
         "manual_s": MANUAL_S,
@@ -134,8 +140,10 @@ def main() -> int:
     print(json.dumps(result, indent=2))
     total = result["median"]["total_s"]
     if total is not None:
-        print(f"median total {total} s; floor {floor:.1f} s (detection {detection_setting:g} s + start alone); "
-              f"manual procedure {MANUAL_S} s")
+        print(
+            f"median total {total} s; floor {floor:.1f} s (detection {detection_setting:g} s + start alone); "
+            f"manual procedure {MANUAL_S} s"
+        )
     if a.json:
         a.json.write_text(json.dumps(result, indent=2))
     return 0 if runs and all(r.get("ok") for r in runs) else 1

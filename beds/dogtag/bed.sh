@@ -138,10 +138,20 @@ do_umount() {
 # --- processes -----------------------------------------------------------------------------------
 cmdline_has() { tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -qF -- "$2"; }
 
-ca_pid() { # prints the JVM's pid if this instance's Tomcat runs
+ca_pid() { # prints the JVM's pid if this instance's Tomcat runs (or is being launched)
   local p
   p=$(cat "$ROOT/run/pki-shim/$1.pid" 2>/dev/null) || return 1
-  [ -n "$p" ] && cmdline_has "$p" "-Dcatalina.base=/var/lib/pki/$1 " && echo "$p"
+  [ -n "$p" ] || return 1
+  if cmdline_has "$p" "-Dcatalina.base=/var/lib/pki/$1 " || launching "$p" "$1"; then echo "$p"; else return 1; fi
+}
+# The recorded pid is the JVM's only once catalina.sh has exec'd java: for the first second or so it
+# is setpriv / tomcat-start.sh / catalina.sh, with the instance's CATALINA_BASE in its environment. A
+# stop in that window used to say "not running", remove the pid file and leave a Tomcat that nothing
+# knew about (it held the ports: every later start of that CA died, and its stop "succeeded" while it
+# kept answering).
+launching() { # pid inst
+  tr '\0' '\n' 2>/dev/null <"/proc/$1/environ" | grep -qxF "CATALINA_BASE=/var/lib/pki/$2" &&
+    ! tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -qF -- "-Dcatalina.base="
 }
 ds_pid() {
   local p

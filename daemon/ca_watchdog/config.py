@@ -53,6 +53,7 @@ class NodeSettings:
     service_control: Literal["systemd", "command"] = "systemd"
     start_command: tuple[str, ...] = ()
     stop_command: tuple[str, ...] = ()
+    pid_file: str | None = None  # service_control = "command": the CA's pid file, to see a start die early
     ldap_bind_dn: str = "cn=Directory Manager"
     ldap_password_file: str | None = None
 
@@ -381,6 +382,7 @@ def _node(t: _Table, check_files: bool) -> NodeSettings:
         service_control=cast(Literal["systemd", "command"], control),
         start_command=t.argv("start_command"),
         stop_command=t.argv("stop_command"),
+        pid_file=_file(t, "pid_file", must_exist=False),
         ldap_bind_dn=t.text("ldap_bind_dn", "cn=Directory Manager"),
         ldap_password_file=_file(t, "ldap_password_file", check_files, credential=True),
     )

@@ -235,6 +235,14 @@ def _as_follower(v: ClusterView) -> Decision:
             return Decision(
                 Action.WAIT, f"paused: my CA is down ({local.ca_reason}); would start it as a clone of {leader}"
             )
+        promoting = _promoting(v, leader)
+        if promoting:
+            # two JVMs starting at once on a shared host double the promotion's start; a clone start can wait
+            return Decision(
+                Action.WAIT,
+                f"my CA is down ({local.ca_reason}); its start as a clone of {leader} waits until {leader}'s "
+                f"promotion ({promoting}) has it running",
+            )
         return Decision(
             Action.FOLLOW, f"my CA is down ({local.ca_reason}): starting it as a clone of {leader}", target=leader
         )
@@ -347,6 +355,14 @@ def _without_leader(v: ClusterView) -> Decision:
         # nobody else will start it, and a clone that does not run can never be elected
         if v.control.paused:
             return Decision(Action.WAIT, f"paused: {lost}; my clone CA is down ({local.ca_reason}); would start it")
+        successor = _successor_after_release(v, old) if released else None
+        if successor:
+            # the member that takes the key next starts its CA now: mine can wait (for one ttl at most)
+            return Decision(
+                Action.WAIT,
+                f"{lost}; my clone CA is down ({local.ca_reason}): its start waits until {successor} has taken "
+                "the key and its CA runs",
+            )
         return Decision(
             Action.START_CLONE,
             f"{lost}; my clone CA is down ({local.ca_reason}): starting it as a clone so that it can be elected",
@@ -492,6 +508,30 @@ def _ranked(v: ClusterView, old_master: str | None) -> tuple[list[str], list[str
     eligible.sort(key=key, reverse=True)
     eligible.sort(key=lambda s: s.name == old_master)
     return [s.name for s in eligible], rejected
+
+
+def _promoting(v: ClusterView, leader: str) -> str | None:
+    """What says the key holder's promotion is in progress, if anything does: its fresh record's `busy`
+    is a promotion step, or it still reports a clone CS.cfg (the record it published before taking the
+    key: a holder with a clone CS.cfg completes the promotion or rolls it back, both bounded)."""
+    st = v.records.get(leader)
+    if st is None or _stale(v, st):
+        return None
+    if st.busy and st.busy.startswith("promote"):
+        return st.busy
+    if st.cscfg_role == CLONE:
+        return "its CS.cfg is still a clone's"
+    return None
+
+
+def _successor_after_release(v: ClusterView, old: str | None) -> str | None:
+    """After a clean release: another eligible member that will take the key (within one ttl of the key
+    being seen free); None once that ttl is over or when nobody else can."""
+    if v.memory.leaderless_for >= v.policy.ttl:
+        return None
+    ranked, _ = _ranked(v, old_master=old)
+    others = [r for r in ranked if r != v.me]
+    return others[0] if others else None
 
 
 def _stale(v: ClusterView, st: MemberState) -> bool:

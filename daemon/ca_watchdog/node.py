@@ -47,6 +47,9 @@ async def _no_check() -> None:
 
 Check = Callable[[], Awaitable[None]]
 
+GETINFO_RETRY = 1.0  # between getInfo attempts that check a promoted CA's role
+LIVENESS_TIMEOUT = 5.0  # systemctl show, during a start whose port still refuses
+
 
 class LocalCA:
     def __init__(self, settings: Settings, service: ServiceControl, probe: AgentProbe) -> None:
@@ -60,7 +63,11 @@ class LocalCA:
     async def status(self) -> AgentStatus:
         """Can the CA serve (getStatus and a database read), with a start in progress read as starting."""
         st = await self.probe.serving(self.url)
-        return self.startup.classify(st, time.monotonic())
+        now = time.monotonic()
+        if self.startup.needs_liveness(st, now) and await self.service.alive(LIVENESS_TIMEOUT) is False:
+            log.error("%s: the CA's process is gone before its port ever accepted: the start failed", self.service.name)
+            self.startup.process_died(now)
+        return self.startup.classify(st, now)
 
     async def stop(self) -> None:
         t = self.settings.timing
@@ -82,6 +89,7 @@ class LocalCA:
             await self.service.start(self.settings.timing.start_timeout)
         except ServiceError as exc:
             raise NodeError(f"starting {self.service.name}: {exc}") from exc
+        self.startup.start_returned()  # from now on, the service can tell whether the CA's process runs
 
     async def wait_running(self) -> AgentStatus:
         """Poll until the CA serves (Type=simple units return before the CA is ready).
@@ -97,6 +105,8 @@ class LocalCA:
             now = time.monotonic()
             if st.status == "running":
                 return st
+            if self.startup.died:
+                raise NodeError(f"CA failed to start: {st.reason}")
             failing_since = (failing_since or now) if st.status == "down" else None
             if now > deadline or (failing_since is not None and now - failing_since > self.startup.failed_start_grace):
                 raise NodeError(
@@ -149,18 +159,35 @@ class LocalCA:
         written = time.time()
         await before_start()
         await journal("promote: starting")
+        start_deadline = time.monotonic() + self.settings.timing.start_timeout
         await self.start()
         started = time.time()
         await self.wait_running()
         running = time.time()
-        info = await self.probe.info(self.url)
-        if not info.ok:
-            raise NodeError(f"getInfo failed after promotion: {info.error}")
-        if info.master_host:
-            raise NodeError(
-                f"getInfo still names master_host {info.master_host}: the CA did not load the master CS.cfg"
-            )
+        await self._verify_master(start_deadline)
         return PromotionTimes(stopped, written, started, running)
+
+    async def _verify_master(self, deadline: float) -> None:
+        """getInfo must say "no master_host": the CA loaded the master CS.cfg. A CA that has just said
+        running can time out or answer an error once (seen on the real bed, with a second JVM
+        starting on the host): that is retried until `deadline` (start_timeout from the start command).
+        An answer naming a master_host fails at once: the CA runs as a clone."""
+        attempt = 0
+        while True:
+            attempt += 1
+            info = await self.probe.info(self.url)
+            if info.ok and info.master_host:
+                raise NodeError(
+                    f"getInfo still names master_host {info.master_host}: the CA did not load the master CS.cfg"
+                )
+            if info.ok:
+                if attempt > 1:
+                    log.info("getInfo confirmed the master role at attempt %d", attempt)
+                return
+            if time.monotonic() + GETINFO_RETRY > deadline:
+                raise NodeError(f"getInfo failed after promotion ({attempt} attempts, start_timeout): {info.error}")
+            log.warning("getInfo failed after promotion (attempt %d, retrying): %s", attempt, info.error)
+            await asyncio.sleep(GETINFO_RETRY)
 
     async def demote(self, new_master: str, start: bool, journal: Journal = _no_journal) -> None:
         """Stop (if needed), write the clone CS.cfg pointing at new_master, and start again if asked."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +26,10 @@ class ServiceControl(Protocol):
     async def start(self, timeout: float) -> None: ...
 
     async def stop(self, timeout: float) -> None: ...
+
+    async def alive(self, timeout: float) -> bool | None:
+        """Does the CA's process still run? None: cannot tell (never read as dead)."""
+        ...
 
 
 async def run_argv(argv: Sequence[str], timeout: float) -> tuple[int, str]:
@@ -64,12 +69,30 @@ class SystemdService:
     async def stop(self, timeout: float) -> None:
         await self._ctl("stop", timeout)
 
+    async def alive(self, timeout: float) -> bool | None:
+        """The unit's ActiveState: `failed` or `inactive` (its main process exited) is dead; `active`,
+        `activating` (ExecStartPre, or an auto-restart pending) and `deactivating` are alive."""
+        try:
+            rc, out = await run_argv(["systemctl", "show", "-p", "ActiveState,MainPID", self.unit], timeout)
+        except (ServiceError, OSError):
+            return None
+        if rc != 0:
+            return None
+        props = dict(line.partition("=")[::2] for line in out.splitlines() if "=" in line)
+        state = props.get("ActiveState", "").strip()
+        if state in ("failed", "inactive"):
+            return False
+        if state in ("active", "activating", "deactivating", "reloading"):
+            return True
+        return None
+
 
 @dataclass
 class CommandService:
     start_argv: tuple[str, ...]
     stop_argv: tuple[str, ...]
     label: str = "local CA"
+    pid_file: str | None = None
 
     @property
     def name(self) -> str:
@@ -86,8 +109,39 @@ class CommandService:
     async def stop(self, timeout: float) -> None:
         await self._run(self.stop_argv, "stop", timeout)
 
+    async def alive(self, timeout: float) -> bool | None:
+        """With a pid file: the process it names exists (missing or empty file after a start: dead)."""
+        if self.pid_file is None:
+            return None
+        return pid_file_alive(self.pid_file)
+
+
+def pid_file_alive(path: str) -> bool | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    if not text:
+        return False
+    try:
+        pid = int(text.split()[0])
+    except ValueError:
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: it exists
+    return True
+
 
 def service_for(node: NodeSettings) -> ServiceControl:
     if node.service_control == "command":
-        return CommandService(node.start_command, node.stop_command, node.service)
+        return CommandService(node.start_command, node.stop_command, node.service, node.pid_file)
     return SystemdService(node.service)

@@ -14,6 +14,12 @@ functional probe (500: the database is down), and a Tomcat 404 (the CA engine fa
 `failed_start_grace` seconds, since the web application can briefly 404 while it deploys.
 Without a start command, a silent port is a frozen or overloaded CA, and a failure. A port that
 refuses again after it had accepted connections during the start means the JVM died: a failure.
+A JVM can also die before its port ever accepts (seen once in six runs on the real bed): "refused"
+then looks like a start in progress. So while the port has not accepted yet, and once the start
+command has returned (`start_returned`: before that, the pid file is not written yet and a unit can
+still read inactive), the caller asks the service whether the CA's process still runs
+(`needs_liveness`); once it says no (`process_died`), the start has failed, at once, instead of
+after `start_timeout`.
 """
 
 from __future__ import annotations
@@ -33,12 +39,38 @@ class StartupWatch:
     started_at: float | None = None
     not_found_since: float | None = None
     accepted: bool = False  # the port has accepted connections since the start command
+    died_at: float | None = None  # the service said the CA's process is gone, during the start
+    returned: bool = False  # the start command has returned (successfully)
 
     def start_issued(self, now: float) -> None:
-        self.started_at, self.not_found_since, self.accepted = now, None, False
+        self.started_at, self.not_found_since, self.accepted, self.died_at = now, None, False, None
+        self.returned = False
+
+    def start_returned(self) -> None:
+        self.returned = self.started_at is not None
 
     def stop_issued(self) -> None:
-        self.started_at, self.not_found_since, self.accepted = None, None, False
+        self.started_at, self.not_found_since, self.accepted, self.died_at = None, None, False, None
+        self.returned = False
+
+    def needs_liveness(self, st: AgentStatus, now: float) -> bool:
+        """A refused port during a start that has not accepted yet: only the process can tell a start
+        from a death."""
+        return (
+            self.returned
+            and st.status != "running"
+            and st.reason == REASON_REFUSED
+            and not self.accepted
+            and self.died_at is None
+            and self.in_start(now)
+        )
+
+    def process_died(self, now: float) -> None:
+        self.died_at = now
+
+    @property
+    def died(self) -> bool:
+        return self.died_at is not None and self.started_at is not None
 
     def in_start(self, now: float) -> bool:
         return self.started_at is not None and now - self.started_at <= self.start_timeout
@@ -51,6 +83,13 @@ class StartupWatch:
         if self.started_at is None or not self.in_start(now):
             return st
         since = now - self.started_at
+        if self.died_at is not None and st.reason == REASON_REFUSED:
+            return replace(
+                st,
+                status="down",
+                reason=f"the CA's process exited {self.died_at - self.started_at:.1f}s after the start, "
+                "before its port ever accepted: the CA died starting",
+            )
         if st.reason == REASON_REFUSED and self.accepted:
             return replace(st, reason=f"the port refuses again {since:.1f}s after the start: the CA died starting")
         self.accepted = self.accepted or st.reason != REASON_REFUSED

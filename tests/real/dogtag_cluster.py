@@ -55,6 +55,13 @@ class Sample:
         return self.at - slack <= other.done and other.at - slack <= self.done
 
 
+# How long a sampling thread may be held up beyond its period: the scheduler of this 2-core machine, with
+# other suites running (load average 5-8), held threads of this process for 0.52-0.71 s now and then
+# (three runs on 2026-12-07, each a single gap). A CA that serves as master when it must not does so for
+# at least a JVM start (9 s and more on this bed), far longer than one such gap.
+STALL = 0.8
+
+
 @dataclass
 class Invariants:
     """Sampled every 200 ms: at most one CA serving as master (getInfo); updateCRL generates on at
@@ -200,11 +207,11 @@ class Invariants:
             late = [
                 f"{b.at - a.at:.2f} s at +{a.at - self.started:.1f} s"
                 for a, b in itertools.pairwise(mine)
-                if b.at - a.done > self.period + 0.3  # started later than its period after the answer
+                if b.at - a.done > self.period + STALL  # started later than its period after the answer
             ]
             if not mine or late:
                 return f"{name}: {len(mine)} samples in {span:.1f} s; late: {', '.join(late[:5])}"
-        ldap_late = [b - a for a, b in itertools.pairwise(reads) if b - a > 3 * self.period]
+        ldap_late = [b - a for a, b in itertools.pairwise(reads) if b - a > 2 * self.period + STALL]
         if len(reads) < 0.5 * span / self.period or ldap_late:
             return f"{len(reads)} LDAP reads in {span:.1f} s; gaps {', '.join(f'{g:.2f}' for g in ldap_late[:5])}"
         return None
@@ -291,6 +298,7 @@ class RealCluster:
                 'service_control = "command"',
                 f"start_command = {_toml(self.bed.ca_start_command(inst, guard_config=cfg))}",
                 f"stop_command = {_toml(self.bed.ca_stop_command(inst))}",
+                f"pid_file = {_toml(str(ca.pid_file))}",
                 'ldap_bind_dn = "cn=Directory Manager"',
                 f"ldap_password_file = {_toml(str(self.password))}",
                 "",

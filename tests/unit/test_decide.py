@@ -1181,3 +1181,59 @@ def test_key_holder_with_stopped_ca_and_no_interrupted_promotion_is_a_failed_mas
     me = master("ca1", ca_status=CA_DOWN, ca_down_streak=N)
     d = decide(view("ca1", {"ca1": me, "ca2": clone("ca2")}, leader="ca1", mem=memory(unfinished_step=None)))
     assert d.action is not Action.PROMOTE
+
+
+# ---- a clone start waits for a promotion in progress (found on the real Dogtag bed) -----------------------
+# Two JVMs starting at once on a shared host double the promotion's start (22-33 s instead of ~9 s): the old
+# master's clone start waits until the new master runs. Waiting to start a clone never makes a master.
+
+
+def test_clone_whose_ca_is_down_waits_while_the_new_master_reports_its_promotion_in_progress() -> None:
+    states = healthy()
+    states["ca1"] = master("ca1", ca_status=CA_STARTING, busy="promote: starting")
+    states["ca2"] = clone("ca2", ca_status=CA_DOWN, ca_down_streak=N, ca_reason="stopped")
+    d = decide_for("ca2", states)
+    expect(d, Action.WAIT, says=("waits until ca1's promotion", "promote: starting"))
+    # the promotion is over: the clone starts
+    states["ca1"] = master("ca1")
+    expect(decide_for("ca2", states), Action.FOLLOW, target="ca1")
+    # a record gone stale is not trusted to hold the start back
+    states["ca1"] = master("ca1", busy="promote: starting", updated_at=NOW - TTL - 1)
+    expect(decide_for("ca2", states), Action.FOLLOW, target="ca1")
+    # another long action of the master (a restart) does not hold it back either
+    states["ca1"] = master("ca1", busy="restart: starting")
+    expect(decide_for("ca2", states), Action.FOLLOW, target="ca1")
+    # nor a master whose CA is down: the clone must run to be elected in its place
+    states["ca1"] = master("ca1", ca_status=CA_DOWN, ca_down_streak=N)
+    expect(decide_for("ca2", states), Action.FOLLOW, target="ca1")
+
+
+def test_clone_whose_ca_is_down_waits_for_a_new_key_holder_whose_record_is_still_a_clones() -> None:
+    """Seen on the real bed: the old master saw the new holder 0.3 s after it took the key, before it
+    published `busy`; its record from just before still said clone."""
+    states = healthy()
+    states["ca1"] = clone("ca1", of="ca3", seen=None)
+    states["ca2"] = clone("ca2", ca_status=CA_DOWN, ca_down_streak=N, ca_reason="stopped")
+    d = decide_for("ca2", states)
+    expect(d, Action.WAIT, says=("waits until ca1's promotion", "still a clone's"))
+
+
+def test_a_master_cscfg_on_a_non_holder_is_demoted_even_while_the_new_master_promotes() -> None:
+    states = healthy()
+    states["ca1"] = master("ca1", ca_status=CA_STARTING, busy="promote: starting")
+    states["ca3"] = master("ca3", ca_status=CA_DOWN, ca_down_streak=N)
+    expect(decide_for("ca3", states), Action.FOLLOW, target="ca1", says=("my CS.cfg is master",))
+
+
+def test_old_master_that_released_the_key_waits_one_ttl_for_its_successor_before_starting_its_clone() -> None:
+    states = master_host_gone(ca1=clone("ca1", of="ca2", seen=None, ca_status=CA_DOWN, ca_down_streak=9))
+    released = memory(previous_leader_released=True, leaderless_for=0.5)
+    d = decide_for("ca1", states, leader=None, mem=released)
+    expect(d, Action.WAIT, says=("waits until ca2 has taken the key",))
+    expect(decide_for("ca2", states, leader=None, mem=released), Action.PROMOTE, target="ca2")
+    late = memory(previous_leader_released=True, leaderless_for=TTL)
+    expect(decide_for("ca1", states, leader=None, mem=late), Action.START_CLONE, says=("starting it as a clone",))
+    # nobody else can take the key: start at once (a clone that does not run can never be elected)
+    down = {"ca_status": CA_DOWN, "ca_down_streak": N}
+    nobody = {"ca1": states["ca1"], "ca2": clone("ca2", **down), "ca3": clone("ca3", **down)}
+    expect(decide_for("ca1", nobody, leader=None, mem=released), Action.START_CLONE)
