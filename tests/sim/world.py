@@ -628,6 +628,12 @@ class SimService:
         self.w.ca_start(self.host)
         self.w.safe_check(f"{self.host} start")
 
+    async def alive(self, timeout: float) -> bool | None:
+        """Whether the CA's process runs (systemd's ActiveState): a JVM that answers 404 still runs."""
+        if self.gated:
+            await self.w.gate(self.host, "systemctl show")
+        return self.w.hosts[self.host].ca.state != "stopped"
+
     async def stop(self, timeout: float) -> None:
         if self.gated:
             await self.w.gate(self.host, "systemctl stop")
@@ -1054,12 +1060,24 @@ def run_history(seed: int, members: int | None = None, keep_log: bool = False) -
 
 @contextlib.contextmanager
 def _patched_fence() -> Any:
+    """fence_command is the simulated STONITH; a cycle that raises is a violation (it is logged and the
+    daemon goes on, but in the simulation nothing may raise: every input is well formed)."""
     saved = actuator_mod.run_fence_command
+    saved_failed = Watchdog._cycle_failed
+
+    def cycle_failed(self: Watchdog, exc: Exception) -> None:
+        w = WORLD.get()
+        if len(w.violations) < 20:
+            w.violations.append(f"t={w.clock.now - 1000:.2f}: {self.me}: a cycle raised {exc!r}")
+        saved_failed(self, exc)
+
     actuator_mod.run_fence_command = sim_fence  # type: ignore[assignment]
+    Watchdog._cycle_failed = cycle_failed  # type: ignore[method-assign]
     try:
         yield
     finally:
         actuator_mod.run_fence_command = saved  # type: ignore[assignment]
+        Watchdog._cycle_failed = saved_failed  # type: ignore[method-assign]
 
 
 __all__ = ["ENDED_RELEASED", "LIVENESS_BOUND", "UNLEASED_BOUND", "Result", "World", "run_history"]
