@@ -22,7 +22,7 @@ from . import cscfg
 from .config import Settings, load_settings
 from .decide import decide
 from .loop import member_configs, policy_of
-from .model import CA_STARTING, Action, ClusterView, Decision, MemberState
+from .model import CA_STARTING, Action, ClusterView, MemberState
 from .observe import master_duty
 from .store import open_store
 from .store.base import Flags, MembersSnapshot, Store, StoreState, StoreUnavailable
@@ -78,10 +78,6 @@ def guard_view(settings: Settings, cfg: cscfg.CSCfg, state: StoreState | None, e
     return ClusterView(**{**view.__dict__, "control": type(view.control)(**{**view.control.__dict__, "paused": False})})
 
 
-def guard_decision(view: ClusterView) -> Decision:
-    return decide(view)
-
-
 async def read_store(settings: Settings, store: Store | None) -> tuple[StoreState | None, str | None]:
     s = settings.store
     if s.backend == "sqlite" and not await asyncio.to_thread(os.path.exists, s.path):
@@ -99,7 +95,7 @@ async def guard(settings: Settings, store: Store | None) -> GuardResult:
     before = cscfg.read_cscfg(path)  # unreadable: CSCfgError, the CLI exits 2 naming file and line
     state, error = await read_store(settings, store)
     view = guard_view(settings, before, state, error)
-    d = guard_decision(view)
+    d = decide(view)
     role = view.local.cscfg_role
     why = f"{_facts(state, error)} [{d.line()}]"
     if d.action is Action.STOP_CA:
