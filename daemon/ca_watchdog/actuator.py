@@ -196,15 +196,17 @@ class Actuator:
             log.info("did not get the leader key: another member took it first")
             return None
         self.held_epoch, self.last_renew = rec.epoch, sent
-        # the decision's own line was logged before the key was taken: this one carries the epoch it made,
-        # so `journalctl ACTION=promote EPOCH=N` finds the promotion that created epoch N
-        log.info(
-            "%s: took the key (epoch %d, %s)",
-            d.action.value,
-            rec.epoch,
-            d.kind,
-            extra={"MEMBER": self.me, "EPOCH": str(rec.epoch), "ACTION": d.action.value},
-        )
+        # a promotion's decision line was logged before its task took the key: this one carries the epoch it
+        # made, so `journalctl ACTION=promote EPOCH=N` finds the promotion that created epoch N (a bootstrap or
+        # resume takes the key before its decision line is logged, which carries the new epoch already)
+        if d.action is Action.PROMOTE:
+            log.info(
+                "%s: took the key (epoch %d, %s)",
+                d.action.value,
+                rec.epoch,
+                d.kind,
+                extra={"MEMBER": self.me, "EPOCH": str(rec.epoch), "ACTION": d.action.value},
+            )
         await self.history(
             {"type": "acquired", "name": self.me, "epoch": rec.epoch, "kind": d.kind, "reason": d.reason}
         )
