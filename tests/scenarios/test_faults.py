@@ -85,6 +85,8 @@ def test_master_ds_killed_while_its_ca_runs_the_functional_probe_fails_it_over(d
     returns, the old master comes back as a clone."""
     with fault_scenario(tmp_path / "lab", ds_mesh) as sc:
         ds_mesh.kill("ca1")
+        killed_at = time.time()
+
         def clone_took_over() -> bool:
             leader = sc.leader()
             return leader in ("ca2", "ca3") and sc.serving().get(leader) == "master"
@@ -92,6 +94,8 @@ def test_master_ds_killed_while_its_ca_runs_the_functional_probe_fails_it_over(d
         sc.wait(clone_took_over, 90, "a clone holds the key and serves as master")
         new = sc.leader()
         assert new is not None
+        sc.wait(lambda: new in sc.crl_writers(), 30, f"{new} writing CRLs")
+        sc.forget_unreplicated("ca1", killed_at)
         released = [e for e in sc.events("released") if e.get("name") == "ca1"]
         assert released and "cannot serve" in json.dumps(released[0]), released
         ds_mesh.start("ca1")
