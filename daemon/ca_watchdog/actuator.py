@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from . import cscfg
+from . import cscfg, lease_file
 from .config import Settings
 from .metrics import Metrics
 from .model import Action, ClusterView, Decision, Policy
@@ -72,6 +72,7 @@ class Actuator:
         self.busy: str | None = None
         self.task: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._lease_file_error: str | None = None
 
     # ---- facts for the view --------------------------------------------------------------------
 
@@ -169,11 +170,30 @@ class Actuator:
             log.error("lost the leader key (epoch %d): someone else holds it or it expired", epoch)
             self._lost()
             return False
-        self.last_renew = sent
+        self._set_lease(epoch, sent)
         return True
 
+    def _set_lease(self, epoch: int | None, renewed: float | None) -> None:
+        """The one place the lease state changes; the guard's copy (lease_file) changes with it, with no
+        await in between (a cancellation there would leave the guard a proof the daemon no longer has).
+        A few bytes on /run: written in place rather than off the loop for that reason."""
+        self.held_epoch, self.last_renew = epoch, renewed
+        path = self.s.node.lease_file
+        try:
+            if epoch is not None and renewed is not None:
+                lease_file.publish(path, lease_file.LeaseProof(self.me, epoch, renewed))
+            else:
+                lease_file.withdraw(path)
+        except OSError as exc:
+            # the guard then goes by the store alone (it may demote a start during a store blip): say so once
+            if self._lease_file_error != str(exc):
+                log.warning("cannot hand the lease to the guard in %s: %s", path, exc)
+            self._lease_file_error = str(exc)
+        else:
+            self._lease_file_error = None
+
     def _lost(self) -> None:
-        self.held_epoch, self.last_renew = None, None
+        self._set_lease(None, None)
         if self.task is not None and not self.task.done() and self.busy and self.busy.startswith("promote"):
             # a promotion must not go on without the key: stop it at its current step
             self.task.cancel()
@@ -183,7 +203,7 @@ class Actuator:
         restarted daemon), and drop one it says I no longer hold."""
         if leader is not None and leader.name == self.me:
             if self.held_epoch != leader.epoch:
-                self.held_epoch, self.last_renew = leader.epoch, None  # renewed before the next decision
+                self._set_lease(leader.epoch, None)  # renewed before the next decision
             return
         if self.held_epoch is not None and (self.last_renew is None or self.last_renew < read_started):
             log.error("the store says I no longer hold the key (epoch %d)", self.held_epoch)
@@ -195,7 +215,7 @@ class Actuator:
         if rec is None:
             log.info("did not get the leader key: another member took it first")
             return None
-        self.held_epoch, self.last_renew = rec.epoch, sent
+        self._set_lease(rec.epoch, sent)
         # a promotion's decision line was logged before its task took the key: this one carries the epoch it
         # made, so `journalctl ACTION=promote EPOCH=N` finds the promotion that created epoch N (a bootstrap or
         # resume takes the key before its decision line is logged, which carries the new epoch already)
@@ -228,7 +248,7 @@ class Actuator:
                 if leader is not None and leader.name == self.me and leader.epoch == epoch:
                     raise StoreUnavailable("the release did not go through; the key is still mine")
                 log.warning("the key (epoch %d) had already ended before the release", epoch)
-        self.held_epoch, self.last_renew = None, None
+        self._set_lease(None, None)
         if released:
             await self.history(
                 {"type": "released", "name": self.me, "epoch": epoch, "reason": reason, "target": target}
@@ -409,7 +429,7 @@ class Actuator:
         # would spend a store timeout of the safety margin
         self.busy = "self-fence"
         await self.ca.fence(d.target)
-        self.held_epoch, self.last_renew = None, None
+        self._set_lease(None, None)
         await self.history({"type": "self_fence", "name": self.me, "reason": d.reason})
 
     async def _follow(self, d: Decision, v: ClusterView) -> None:

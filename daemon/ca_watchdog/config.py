@@ -56,6 +56,8 @@ class NodeSettings:
     pid_file: str | None = None  # service_control = "command": the CA's pid file, to see a start die early
     ldap_bind_dn: str = "cn=Directory Manager"
     ldap_password_file: str | None = None
+    # the daemon's lease, handed to the guard on this host (lease_file.py); on a filesystem of this boot
+    lease_file: str = "/run/ca-watchdog/lease.json"
 
 
 @dataclass(frozen=True)
@@ -385,6 +387,7 @@ def _node(t: _Table, check_files: bool) -> NodeSettings:
         pid_file=_file(t, "pid_file", must_exist=False),
         ldap_bind_dn=t.text("ldap_bind_dn", "cn=Directory Manager"),
         ldap_password_file=_file(t, "ldap_password_file", check_files, credential=True),
+        lease_file=_absolute(t, "lease_file", t.text("lease_file", "/run/ca-watchdog/lease.json")),
     )
     if control == "command" and not n.start_command:
         raise t.error("start_command", 'service_control = "command" needs start_command and stop_command')

@@ -6,7 +6,10 @@ a clone of the named master; a decision to stop (a CS.cfg that would act as mast
 cannot be demoted safely) refuses the start; anything else leaves the file as it is. Only the key holder
 may start as master; with the store unreachable nobody can prove a lease, so a master CS.cfg is demoted.
 On a SQLite host whose store file does not exist yet, no daemon has ever run: that is an empty store
-(bootstrap: the file is left as it is), not an unreachable one.
+(bootstrap: the file is left as it is), not an unreachable one. When the local daemon starts its CA as
+master, it hands its lease over in `node.lease_file` (lease_file.py): with the store unreachable, that
+proof counts as the daemon's own lease would (until the self-fence point), so a store blip does not
+demote a promotion in progress; the store, when it answers, outranks it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from . import cscfg
+from . import cscfg, lease_file
 from .config import Settings, load_settings
 from .decide import decide
 from .loop import member_configs, policy_of
@@ -44,7 +47,25 @@ class GuardResult:
     message: str
 
 
-def guard_view(settings: Settings, cfg: cscfg.CSCfg, state: StoreState | None, error: str | None) -> ClusterView:
+def lease_facts(state: StoreState | None, proof: lease_file.LeaseProof | None) -> LocalFacts:
+    """The daemon's hand-off counts while the store cannot be read, or when the store agrees (same holder,
+    same epoch); a store naming anyone else, or no one, outranks it."""
+    if proof is None:
+        return LocalFacts()
+    if state is not None and not (
+        state.leader is not None and state.leader.name == proof.name and state.leader.epoch == proof.epoch
+    ):
+        return LocalFacts()
+    return LocalFacts(seconds_since_renew=proof.age(), held_epoch=proof.epoch)
+
+
+def guard_view(
+    settings: Settings,
+    cfg: cscfg.CSCfg,
+    state: StoreState | None,
+    error: str | None,
+    facts: LocalFacts | None = None,
+) -> ClusterView:
     """The CA is about to start (counted as starting: it would serve what CS.cfg says)."""
     me = settings.node.name
     report = cscfg.classify(cfg)
@@ -70,7 +91,7 @@ def guard_view(settings: Settings, cfg: cscfg.CSCfg, state: StoreState | None, e
         store_error=error,
         records=records,
         record_ages={name: 0.0 for name in records},  # one look: the store's TTL says what is fresh
-        facts=LocalFacts(),  # no lease proven by the guard: only the store's key counts
+        facts=facts or LocalFacts(),  # a lease is proven by the store's key or by the daemon's hand-off
         known_replica_ids={},
         problems=tuple(problems),
     )
@@ -94,10 +115,11 @@ async def guard(settings: Settings, store: Store | None) -> GuardResult:
     path = settings.node.cs_cfg
     before = cscfg.read_cscfg(path)  # unreadable: CSCfgError, the CLI exits 2 naming file and line
     state, error = await read_store(settings, store)
-    view = guard_view(settings, before, state, error)
+    proof, handoff = await asyncio.to_thread(_hand_off, settings)
+    view = guard_view(settings, before, state, error, lease_facts(state, proof))
     d = decide(view)
     role = view.local.cscfg_role
-    why = f"{_facts(state, error)} [{d.line()}]"
+    why = f"{_facts(state, error)}{handoff} [{d.line()}]"
     if d.action is Action.STOP_CA:
         raise GuardRefusal(why)
     if d.action not in DEMOTE:
@@ -123,6 +145,17 @@ def _facts(state: StoreState | None, error: str | None) -> str:
         return "bootstrap (no master yet)"
     last = f"; last master {state.epoch.name}, epoch {state.epoch.epoch}" if state.epoch else ""
     return f"no master holds the key{last}"
+
+
+def _hand_off(settings: Settings) -> tuple[lease_file.LeaseProof | None, str]:
+    """The local daemon's lease proof, and a few words about it for the guard's line."""
+    try:
+        proof = lease_file.read(settings.node.lease_file, settings.node.name)
+    except lease_file.LeaseFileError as exc:
+        return None, f"; lease hand-off ignored: {exc}"
+    if proof is None:
+        return None, ""
+    return proof, f"; lease hand-off: epoch {proof.epoch}, renewed {proof.age():.1f}s ago"
 
 
 def _fallback_master(settings: Settings) -> str | None:

@@ -3,15 +3,18 @@ store. Real CS.cfg files, a real SQLite store; an unreachable etcd endpoint for 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ca_watchdog import cscfg
+from ca_watchdog import cscfg, lease_file
 from ca_watchdog.config import Settings, parse_settings
 from ca_watchdog.guard import guard, run_guard
 from ca_watchdog.lab.etcdlab import free_ports
@@ -154,3 +157,65 @@ async def test_defect13_a_ca_started_before_any_daemon_ran_on_a_fresh_sqlite_hos
     assert not result.changed and "bootstrap" in result.message, result.message
     assert master_file.read_bytes() == before
     assert not (tmp_path / "not-yet").exists(), "the guard must not create the daemon's store"
+
+
+# ---- the daemon's lease hand-off (the daemon starts its CA as master during a store blip) -------------
+
+
+def unreachable_etcd(tmp_path: Path) -> Settings:
+    (port,) = free_ports(1, 24990)
+    s = settings(tmp_path, store={"backend": "etcd", "etcd": {"endpoints": [f"http://127.0.0.1:{port}"]}})
+    return replace(s, node=replace(s.node, lease_file=str(tmp_path / "run" / "lease.json")))
+
+
+def hand_off(s: Settings, epoch: int, renewed_ago: float, name: str = "ca1") -> None:
+    Path(s.node.lease_file).parent.mkdir(mode=0o700, exist_ok=True)
+    lease_file.publish(s.node.lease_file, lease_file.LeaseProof(name, epoch, time.monotonic() - renewed_ago))
+
+
+async def test_store_blip_while_the_daemon_starts_its_ca_as_master_the_guard_keeps_the_promotion(
+    tmp_path: Path, master_file: Path
+) -> None:
+    """The daemon renewed its lease (epoch 7) a second ago and starts its CA as master; the guard cannot
+    reach the store. The daemon's hand-off proves the lease: the promotion is not demoted under it."""
+    s = unreachable_etcd(tmp_path)
+    before = master_file.read_bytes()
+    hand_off(s, 7, renewed_ago=1.0)
+    result = await run_guard(s)
+    assert not result.changed and "epoch 7" in result.message, result.message
+    assert master_file.read_bytes() == before
+
+
+async def test_a_hand_off_past_the_fence_point_proves_nothing_the_guard_demotes(
+    tmp_path: Path, master_file: Path
+) -> None:
+    s = unreachable_etcd(tmp_path)
+    hand_off(s, 7, renewed_ago=s.timing.ttl)  # the daemon stopped renewing a ttl ago
+    result = await run_guard(s)
+    assert result.changed and role_and_target(master_file) == ("clone", "ca2.example.test")
+
+
+async def test_a_hand_off_naming_another_member_or_planted_by_another_account_is_ignored(
+    tmp_path: Path, master_file: Path
+) -> None:
+    s = unreachable_etcd(tmp_path)
+    hand_off(s, 7, renewed_ago=0.5, name="ca2")
+    result = await run_guard(s)
+    assert result.changed and "ignored" in result.message and role_and_target(master_file)[0] == "clone"
+    shutil.copy(FIXTURES / "CS.cfg.master.sample", master_file)
+    hand_off(s, 7, renewed_ago=0.5)
+    os.chmod(s.node.lease_file, 0o666)  # writable by anyone: pkiuser could have forged it
+    result = await run_guard(s)
+    assert result.changed and "ignored" in result.message and role_and_target(master_file)[0] == "clone"
+
+
+async def test_the_store_outranks_a_hand_off_another_member_holds_the_key_the_master_cscfg_is_demoted(
+    tmp_path: Path, master_file: Path
+) -> None:
+    s = settings(tmp_path)
+    s = replace(s, node=replace(s.node, lease_file=str(tmp_path / "run" / "lease.json")))
+    hand_off(s, 1, renewed_ago=0.5)
+    async with store_of(s) as st:
+        assert await st.acquire_leader("ca3", 10, "failover")
+        result = await guard(s, st)
+    assert result.changed and role_and_target(master_file) == ("clone", "ca3.example.test")

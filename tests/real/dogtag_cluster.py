@@ -294,6 +294,7 @@ class RealCluster:
                 "[node]",
                 f"name = {_toml(name)}",
                 f"cs_cfg = {_toml(str(ca.cs_cfg))}",
+                f"lease_file = {_toml(str(cfg.parent / ('lease-' + name + '.json')))}",
                 f"service = {_toml('pki-tomcatd@' + inst + '.service')}",
                 'service_control = "command"',
                 f"start_command = {_toml(self.bed.ca_start_command(inst, guard_config=cfg))}",

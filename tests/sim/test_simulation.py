@@ -13,26 +13,31 @@ import pytest
 from tests.sim.run import replay_command, run_many
 
 SEEDS = int(os.environ.get("CAWD_SIM_SEEDS", "10000"))
-# Open defects the simulation found and that are not fixed yet, by seed (each one is named in the closing
-# note and must be fixed, then removed from here; any other failing seed fails the test)
-KNOWN_OPEN = {
-    5418: "liveness: three running clones and no master after the faults stopped (found 2026-12-07, open)",
-}
 JOBS = int(os.environ.get("CAWD_SIM_JOBS", str(os.cpu_count() or 1)))
 
 
 @pytest.mark.timeout(3600)
 def test_every_seeded_fault_history_keeps_one_master_a_lease_behind_it_and_recovers() -> None:
     results, took = run_many(range(SEEDS), JOBS)
-    known = [r for r in results if r.violations and r.seed in KNOWN_OPEN]
-    for r in known:
-        print(f"\nKNOWN OPEN seed {r.seed}: {KNOWN_OPEN[r.seed]}: {r.violations[0]}")
-    bad = [r for r in results if r.violations and r.seed not in KNOWN_OPEN]
+    bad = [r for r in results if r.violations]
     promotions = sum(r.failovers for r in results)
     print(f"\n{len(results)} histories in {took:.0f}s ({JOBS} processes), {promotions} promotions, {len(bad)} failing")
     report = "\n".join(f"seed {r.seed}: {r.violations[0]}\n  replay: {replay_command(r.seed)}" for r in bad[:10])
     assert not bad, f"{len(bad)} of {len(results)} histories broke an invariant:\n{report}"
     assert promotions > SEEDS // 2, "the faults hardly ever forced a promotion: the simulation lost its teeth"
+
+
+def test_a_guard_demotion_before_the_first_key_leaves_every_daemon_asking_for_bootstrap_then_it_serves() -> None:
+    """Seed 5418: the first master's daemon crashes before it takes the key, its host reboots during a
+    store outage and the guard demotes the only master CS.cfg (nobody can prove a lease). A store that
+    never had a master has nothing to fail over from: every daemon must name the command, and once the
+    operator runs it, a master must serve within the bound."""
+    from tests.sim.world import run_history
+
+    r = run_history(5418, keep_log=True)
+    assert not r.violations, r.violations
+    asked = [line for line in r.log if "OPERATOR bootstrap --master" in line]
+    assert asked and "run `ca-watchdog bootstrap --master NAME`" in asked[0], asked
 
 
 def test_a_history_replays_exactly_from_its_seed() -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ca_watchdog import actuator as actuator_mod
-from ca_watchdog import cscfg, guard, loop, node, observe, report, view
+from ca_watchdog import cscfg, guard, lease_file, loop, node, observe, report, view
 from ca_watchdog.config import Settings, parse_settings
 from ca_watchdog.loop import Watchdog
 from ca_watchdog.metrics import Metrics
@@ -159,7 +159,7 @@ async def _inline_to_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) 
 @contextlib.contextmanager
 def virtual_time(clock: Clock) -> Any:
     fake = _TimeModule(clock)
-    mods = [actuator_mod, loop, observe, view, node, report, guard]
+    mods = [actuator_mod, loop, observe, view, node, report, guard, lease_file]
     saved = [(m, m.time) for m in mods if hasattr(m, "time")]
     saved_thread = asyncio.to_thread
     for m, _ in saved:
@@ -238,7 +238,7 @@ class World:
             cfg = cscfg.demote(cfg, f"{self.names[0]}.sim.test", 8443)
         cs.write_bytes(cfg.render())
         raw: dict[str, Any] = {
-            "node": {"name": name, "cs_cfg": str(cs)},
+            "node": {"name": name, "cs_cfg": str(cs), "lease_file": str(d / "lease.json")},
             "store": {"path": str(store_file)},
             "timing": dict(TIMING),
             "failover": {
@@ -1014,6 +1014,7 @@ async def _history(w: World) -> None:
     served_at: float | None = None
     while w.clock.now < deadline:
         await asyncio.sleep(0.5)
+        await _operator_bootstraps_if_asked(w)
         leader = w.store.live_leader()
         masters = w.serving_masters()
         if masters and leader is not None and leader.name == masters[0]:
@@ -1033,6 +1034,33 @@ async def _history(w: World) -> None:
     check_task.cancel()
     for h in w.hosts.values():
         w.kill_daemon(h.name)
+
+
+OPERATOR_READS_STATUS = 5.0  # after faults stop, the operator looks at what the daemons say
+
+
+async def _operator_bootstraps_if_asked(w: World) -> None:
+    """A store that never had a master cannot fail over: there is no master to replace, and only a CS.cfg
+    master (or the operator) names the first one. When faults (say, a guard's demotion during a store
+    outage before the first key was ever taken) leave every CS.cfg a clone, every daemon says so and
+    names the command; the operator runs it, as the runbook says, and the liveness bound counts from
+    there. Nothing else in the simulation does what the tool did not ask for."""
+    if w.store.epoch is not None or w.clock.now - w.heal_at < OPERATOR_READS_STATUS:
+        return
+    daemons = [h.daemon for h in w.hosts.values() if h.alive and h.daemon is not None]
+    reasons = [d.snapshot.decision.reason if d.snapshot.decision else "" for d in daemons]
+    if not reasons or not all("ca-watchdog bootstrap --master" in r for r in reasons):
+        return
+    running = [n for n, h in w.hosts.items() if h.ca.state == "running"]
+    if not running:
+        return
+    target = w.rng.choice(running)
+    w.note(f"OPERATOR bootstrap --master {target} (every daemon asks for it: {reasons[0]})")
+    rec = await SimStore(w, target, gated=False).acquire_leader(
+        target, TIMING["ttl"], "bootstrap by operator", kind="bootstrap", expect_epoch=0
+    )
+    if rec is not None:
+        w.heal_at = w.clock.now
 
 
 def run_history(seed: int, members: int | None = None, keep_log: bool = False) -> Result:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from ca_watchdog import lease_file
 from ca_watchdog.actuator import Actuator
 from ca_watchdog.config import parse_settings
 from ca_watchdog.decide import decide
@@ -38,7 +39,7 @@ NOW = 1_700_000_000.0
 def settings(tmp_path: Path, **timing: Any) -> Any:
     return parse_settings(
         {
-            "node": {"name": "ca2", "cs_cfg": str(tmp_path / "CS.cfg")},
+            "node": {"name": "ca2", "cs_cfg": str(tmp_path / "CS.cfg"), "lease_file": str(tmp_path / "lease.json")},
             "store": {"path": str(tmp_path / "state.db")},
             "timing": {
                 "interval": 0.2,
@@ -409,3 +410,30 @@ def test_defect19_a_store_blip_keeps_my_proven_lease_in_the_view_so_master_keeps
     assert decide(v).action is Action.WAIT  # decided by the lease age, without the store
     old = LocalFacts(uptime=100.0, seconds_since_renew=9.0, held_epoch=7)  # past ttl - safety_margin
     assert view_for(tmp_path, me, None, {}, facts=old).leader is None
+
+
+async def test_the_lease_is_handed_to_the_guard_while_held_and_withdrawn_the_moment_it_is_released(
+    tmp_path: Path,
+) -> None:
+    """The guard that runs before a start as master must see the lease the daemon renewed for it; once
+    the key is released (or lost), no proof may outlive it, or a store blip would let a master CS.cfg
+    start on a member that no longer holds the key."""
+    store = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
+    a = actuator(tmp_path, store, FakeCA())
+    path = str(tmp_path / "lease.json")
+    rec = await a._acquire(Decision(Action.PROMOTE, "elected", target="ca2"))
+    assert rec is not None
+    proof = lease_file.read(path, "ca2")
+    assert proof is not None and proof.epoch == rec.epoch and proof.age() < 1.0
+    before = proof.renewed
+    assert await a.renew()
+    proof = lease_file.read(path, "ca2")
+    assert proof is not None and proof.renewed > before
+    await a._release("switchover to ca3", "ca3")
+    assert lease_file.read(path, "ca2") is None
+    rec = await a._acquire(Decision(Action.PROMOTE, "elected", target="ca2"))
+    assert rec is not None and lease_file.read(path, "ca2") is not None
+    await store.release_leader("ca2", rec.epoch, "taken away")  # someone ended it behind my back
+    assert not await a.renew()
+    assert lease_file.read(path, "ca2") is None
+    await store.close()

@@ -199,6 +199,7 @@ class LabCluster:
             "[node]",
             f"name = {_toml(node.name)}",
             f"cs_cfg = {_toml(str(node.cs_cfg))}",
+            f"lease_file = {_toml(str(node.dir / 'lease.json'))}",
             f"service = {_toml('lab CA ' + node.name)}",
             'service_control = "command"',
             f"start_command = {_toml(start)}",
