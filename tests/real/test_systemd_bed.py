@@ -13,7 +13,7 @@ credential. What a test shows is read from systemd itself (``systemctl show``, t
 not from the daemon's opinion of itself.
 
 The watchdog check uses the shipped WatchdogSec=30s as it is (no drop-in lowering it): it costs
-about 40 s of the file's ~3 minutes, and it is the unit's own number that is verified.
+about 40 s of the file's 2-2.5 minutes, and it is the unit's own number that is verified.
 """
 
 from __future__ import annotations
