@@ -28,7 +28,8 @@ class Reporter:
         self._is_leader = metrics.is_leader.labels(me)
 
     def report(self, view: ClusterView, d: Decision, seconds: float, epoch: int) -> None:
-        """`epoch`: the epoch this cycle ended with (the one just acquired, for a bootstrap or promotion)."""
+        """`epoch`: the epoch held when the decision line is logged: a bootstrap or resume has taken its key
+        by then; a promotion takes it later in its task, whose own "took the key" line carries the new one."""
         log.info(d.line(), extra={"MEMBER": self.me, "EPOCH": str(epoch), "ACTION": d.action.value})
         now = time.monotonic()
         for p in view.problems:  # each distinct problem at most every 5 minutes
