@@ -9,6 +9,14 @@ key's mod_revision. Renewal is a lease keep-alive, so watchers only wake when th
 Gateway quirks (etcd 3.4): keys and values are base64, int64s are strings, proto3 defaults are
 omitted (`succeeded` missing = false, `kvs` missing = none), keep-alive and watch answers are
 wrapped in `{"result": ...}`, an expired lease keep-alive answers 200 without `TTL`.
+
+Why not `aetcd` (asyncio over gRPC, 1.0 release candidates in 2026): its Client takes one host and
+port and opens `grpc.insecure_channel` only, so it can reach neither a TLS etcd with client
+certificates (what a CA host uses) nor a list of endpoints to fail over between, and it adds grpcio
+(a compiled dependency) beside the aiohttp the daemon already has. What this client needs from etcd
+is a handful of calls (txn, range, lease grant/keep-alive/revoke, timetolive, watch); the gateway
+gives them with aiohttp's TLS, timeouts and cancellation, and the store contract tests and the
+simulation hold it to the same semantics as SQLite.
 """
 
 from __future__ import annotations
