@@ -647,21 +647,22 @@ async def _members_checks(s: Settings, store: Store | None, state: StoreState | 
     others = [m.name for m in s.members if m.name != s.node.name]
     window = clock_window(t)
 
-    async def clocks() -> tuple[dict[str, ClockSample], set[str]]:
+    async def clocks() -> tuple[dict[str, ClockSample], set[str]] | str:
+        """The samples, or why the store could not give them."""
         if store is None or state is None:
-            return {}, set()
+            return "no store"
 
         async def read() -> MembersSnapshot:
             return await asyncio.wait_for(store.get_members(), t.store_timeout + 0.5)
 
         try:
             return await watch_clocks(read, others, window)
-        except (StoreUnavailable, TimeoutError):
-            return {}, set()
+        except (StoreUnavailable, TimeoutError) as exc:
+            return f"the store stopped answering while the clocks were compared: {exc or 'timeout'}"
 
     with_ds = [m for m in s.members if m.ldap_url]
     async with probe:
-        agents, dirs, (samples, present) = await asyncio.gather(
+        agents, dirs, clock_samples = await asyncio.gather(
             asyncio.gather(*(agent(m.agent_url) for m in s.members)),
             asyncio.gather(*(directory(m.ldap_url or "", m.ldap_starttls) for m in with_ds if ldap_error is None)),
             clocks(),
@@ -677,8 +678,11 @@ async def _members_checks(s: Settings, store: Store | None, state: StoreState | 
     else:
         for m, obs in zip(with_ds, dirs, strict=True):
             out.append(directory_check(m.name, obs, m.name == s.node.name, len(with_ds) > 1))
-    if store is not None and state is not None:
+    if isinstance(clock_samples, tuple):
+        samples, present = clock_samples
         out += [clock_check(n, samples.get(n), n in present, window) for n in others]
+    elif store is not None and state is not None:
+        out.append(Check(WARN, "clocks", clock_samples, "run doctor again"))
     return out
 
 

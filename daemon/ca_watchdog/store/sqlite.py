@@ -19,8 +19,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .base import (
-    HISTORY_KEEP,
     DOCTOR_DIR,
+    HISTORY_KEEP,
     KEY_COOLDOWN,
     KEY_COOLDOWN_ACK,
     KEY_CRL,
