@@ -211,6 +211,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--master", required=True, metavar="NAME")
     sp.set_defaults(func=_lazy("control", "cli_bootstrap"))
 
+    sp = with_config(
+        sub.add_parser(
+            "doctor",
+            help="preflight before enabling the service: one OK/WARN/FAIL line per check; exit 1 if any FAIL",
+            description="Check this host before enabling ca-watchdog: the config, this node in the member list, "
+            "TLS material and certificate expiry, CS.cfg, the store (read, write round trip), every member's "
+            "agent port and 389-DS, the guard drop-in, the members' clocks (through the store) and the timing "
+            "rules. Changes nothing in the cluster. Exit status 0 if no check FAILs (WARNs allowed), 1 otherwise.",
+        )
+    )
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.add_argument(
+        "--systemd-dir",
+        default="/etc/systemd/system",
+        metavar="DIR",
+        help="where the guard drop-in and unit are installed (default /etc/systemd/system)",
+    )
+    sp.set_defaults(func=_lazy("doctor", "cli_doctor"))
+
     sp = sub.add_parser("check-config", help="validate a configuration file")
     sp.add_argument("path", metavar="PATH")
     sp.set_defaults(func=_check_config)

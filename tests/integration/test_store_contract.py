@@ -465,6 +465,26 @@ async def test_promotion_journal_survives_a_restart_and_clears(backend: Backend)
         await restarted.put_step("intruder", {"step": "x"})
 
 
+async def test_doctor_write_check_round_trips_expires_and_leaves_the_leader_key_alone(backend: Backend) -> None:
+    admin, daemon = backend.open(), backend.open()
+    held = await daemon.acquire_leader("ca1", 30, "test master")
+    assert held is not None
+    await admin.put_doctor_token("ca2", "token-1", TTL)
+    assert await daemon.get_doctor_token("ca2") == "token-1"
+    assert await daemon.get_doctor_token("ca3") is None
+    state = await daemon.read_state()
+    assert state.leader is not None and (state.leader.name, state.leader.epoch) == ("ca1", held.epoch)
+    assert state.members.records == {} and state.problems == ()
+
+    async def token_gone() -> bool:
+        return await daemon.get_doctor_token("ca2") is None
+
+    assert await wait_until(token_gone, limit=4.0) >= TTL - 0.5
+    assert await daemon.renew_leader("ca1", held.epoch, 30) is not None
+    with pytest.raises(ValueError):
+        await admin.put_doctor_token("intruder", "x", TTL)
+
+
 # ---- watching -----------------------------------------------------------------------------------
 
 

@@ -729,6 +729,7 @@ class SimStoreState:
         self.cooldown_ack_at: float | None = None
         self.cooldown: tuple[Cooldown, float] | None = None
         self.steps: dict[str, dict[str, Any]] = {}
+        self.doctor: dict[str, tuple[str, float]] = {}  # name -> (token, expires at)
         self.history: list[HistoryEvent] = []
         self.stall_until = 0.0
         self.p_lost = 0.0
@@ -939,6 +940,20 @@ class SimStore(Store):
 
     async def get_step(self, name: str) -> dict[str, Any] | None:
         return await self._op("get_step", lambda now: self.s.steps.get(name))
+
+    # -- `ca-watchdog doctor`'s write check (the simulation never runs doctor; the interface needs it)
+    async def put_doctor_token(self, name: str, token: str, ttl: float) -> None:
+        def op(now: float) -> None:
+            self.s.doctor[name] = (token, now + ttl)
+
+        await self._op("put_doctor_token", op)
+
+    async def get_doctor_token(self, name: str) -> str | None:
+        def op(now: float) -> str | None:
+            token, expires = self.s.doctor.get(name, ("", 0.0))
+            return token if expires > now else None
+
+        return await self._op("get_doctor_token", op)
 
     # -- one consistent read
     async def read_state(self) -> StoreState:

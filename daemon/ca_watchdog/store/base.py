@@ -13,6 +13,7 @@ below is shared and the contract tests run unchanged against both:
     flags/switchover    {"id", "target", "kind", "requested_at", "requested_by"}
     flags/cooldown_ack  {"at"}
     steps/<name>        the caller's JSON object
+    doctor/<name>       a random token with a short TTL: `ca-watchdog doctor`'s write check; nothing reads it
     history             {"at", "event"}  (sqlite: a table; etcd: history/<time_ns> keys)
 
 A value that cannot be parsed, has wrong types or names a node outside `members` is treated as
@@ -52,6 +53,7 @@ KEY_COOLDOWN_ACK = "flags/cooldown_ack"
 KEY_COOLDOWN = "cooldown"
 MEMBERS_DIR = "members/"
 STEPS_DIR = "steps/"
+DOCTOR_DIR = "doctor/"
 HISTORY_DIR = "history/"
 HISTORY_KEEP = 1000  # failovers are rare; this is years of history
 
@@ -594,6 +596,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def get_step(self, name: str) -> dict[str, Any] | None: ...
+
+    # -- `ca-watchdog doctor`: a write round trip that no decision reads (never the leader key)
+    @abc.abstractmethod
+    async def put_doctor_token(self, name: str, token: str, ttl: float) -> None:
+        """doctor/<name> = token for `ttl` s."""
+
+    @abc.abstractmethod
+    async def get_doctor_token(self, name: str) -> str | None: ...
 
     # -- misc
     @abc.abstractmethod

@@ -38,6 +38,7 @@ import aiohttp
 
 from ..config import EtcdSettings, read_secret
 from .base import (
+    DOCTOR_DIR,
     HISTORY_DIR,
     HISTORY_KEEP,
     KEY_COOLDOWN,
@@ -774,6 +775,20 @@ class EtcdStore(Store):
                 problems.append(f"{kv.key}: ignored: {exc}")
         self._report(problems)
         return step
+
+    # ---- doctor --------------------------------------------------------------------------------
+
+    async def put_doctor_token(self, name: str, token: str, ttl: float) -> None:
+        self._check_member(name)
+        await self._op(self._put_doctor_token(name, token, ttl_seconds(ttl)))
+
+    async def _put_doctor_token(self, name: str, token: str, ttl: int) -> None:
+        lease, _granted = await self._grant(ttl)  # left to expire: nothing to clean up
+        await self._post("kv/put", {"key": b64(self._k(DOCTOR_DIR + name)), "value": b64(token), "lease": str(lease)})
+
+    async def get_doctor_token(self, name: str) -> str | None:
+        kv = await self._op(self._get1(DOCTOR_DIR + name))
+        return None if kv is None else kv.value.decode("utf-8", "replace")
 
     # ---- watch / close -------------------------------------------------------------------------
 

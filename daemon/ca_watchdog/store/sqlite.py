@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .base import (
+    DOCTOR_DIR,
     HISTORY_KEEP,
     KEY_COOLDOWN,
     KEY_COOLDOWN_ACK,
@@ -510,6 +511,18 @@ class SQLiteStore(Store):
                 problems.append(f"{STEPS_DIR}{name}: ignored: {exc}")
         self._report(problems)
         return step
+
+    # ---- doctor --------------------------------------------------------------------------------
+
+    async def put_doctor_token(self, name: str, token: str, ttl: float) -> None:
+        self._check_member(name)
+        if not ttl > 0:
+            raise ValueError(f"ttl must be > 0, not {ttl!r}")
+        await self._run(self._write(lambda c, now: self._put(c, DOCTOR_DIR + name, token, now + ttl)))
+
+    async def get_doctor_token(self, name: str) -> str | None:
+        row = await self._run(self._read(lambda c, now: self._get(c, DOCTOR_DIR + name, now)))
+        return None if row is None else row[0]
 
     # ---- watch / close -------------------------------------------------------------------------
 
