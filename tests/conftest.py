@@ -9,6 +9,10 @@ same machine waits instead of killing servers under the first one.
 ``CA_WATCHDOG_DSLAB_PREFIX`` and ``CA_WATCHDOG_DSLAB_BASE_PORT`` choose another lab. Set
 ``CA_WATCHDOG_KEEP_DSLAB=1`` to leave the lab running after the session; the next session
 then reuses it (``DSLab.up`` checks it is healthy) instead of spending ~11 s creating it.
+
+``CAWD_NO_SKIPS=1`` (set by scripts/test.sh, the suite CI runs) turns every skip into a failure: there,
+scripts/setup.sh has installed every program and built every bed, so a test that would skip (a missing
+etcd, 389-DS, promtool, network namespaces...) is a broken setup, and it must fail loudly.
 """
 
 from __future__ import annotations
@@ -21,6 +25,19 @@ from pathlib import Path
 import pytest
 
 from ca_watchdog.lab.dslab import NS_SLAPD, DSLab
+
+NO_SKIPS = os.environ.get("CAWD_NO_SKIPS") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if NO_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped where nothing may skip (CAWD_NO_SKIPS=1; setup.sh must provide it): {reason}"
+
 
 DS_NAMES = ("ca1", "ca2", "ca3")
 # overridable so that developers sharing one machine can each run a lab (e.g. prefix cwalice,
