@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,7 @@ from ..store import open_store
 from . import service
 from .cluster import LabCluster, pids_naming, wait_until
 from .dslab import DSCREATE, NS_SLAPD, DSLab, DSLabError
-from .etcdlab import ETCD_BINARY, EtcdLab, EtcdLabError, free_ports, port_free
+from .etcdlab import ETCD_BINARY, EtcdLab, EtcdLabError, free_ports
 from .pki import LabPKIFiles
 
 DEFAULT_DIR = Path("/tmp/ca-watchdog-lab")  # also in cli.py (which must not import this module)
@@ -78,6 +79,18 @@ def _proc_state(pid: int | None) -> str:
     except (OSError, IndexError):
         return "stopped"
     return {"Z": "stopped", "X": "stopped", "T": "frozen", "t": "frozen"}.get(state, "running")
+
+
+def _listening(port: int) -> bool:
+    """Someone listens on 127.0.0.1:port. (A plain bind test would also fail on the TIME_WAIT
+    connections a lab that just went down leaves behind; its servers bind with SO_REUSEADDR.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 @contextlib.contextmanager
@@ -250,7 +263,7 @@ class Lab:
         ports = [p for n in nodes for p in (n.agent_port, n.api_port)]
         if self.ds is not None:
             ports += [self.ds.port(n) for n in self.spec.names]
-        busy = [p for p in ports if not port_free(p)]
+        busy = [p for p in ports if _listening(p)]
         if busy:
             raise LabError(f"ports in use: {', '.join(map(str, busy))} (another lab? choose another --base-port)")
 
