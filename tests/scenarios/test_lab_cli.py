@@ -170,6 +170,16 @@ def test_lab_kill_host_on_an_etcd_lab_fails_over_lab_up_brings_the_host_back_as_
     assert _cmdline(etcd_pid) == b"", "`lab down` left etcd running"
 
 
+def test_demo_kills_master_ca1_a_clone_takes_over_ca1_returns_as_its_clone_and_nothing_is_left() -> None:
+    out = ok("demo", "--json", timeout=600)
+    summary = json.loads(out)
+    assert summary["new_master"] in ("ca2", "ca3"), summary
+    assert summary["roles"] == {n: "master" if n == summary["new_master"] else "clone" for n in ("ca1", "ca2", "ca3")}
+    assert summary["with_389ds"] is True, "389-DS is installed here: the demo must use it"
+    assert summary["running_after_s"] < 60, summary
+    assert_nothing_left(Path(summary["dir"]))
+
+
 def without(module: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
     """The CLI in a Python where importing `module` fails, as on a machine without it."""
     code = f"import sys; sys.modules[{module!r}] = None; from ca_watchdog.cli import main; sys.exit(main(sys.argv[1:]))"

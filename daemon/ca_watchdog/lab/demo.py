@@ -137,6 +137,7 @@ def _scenario(lab: ctl.Lab, tl: Timeline) -> dict[str, Any]:
     time.sleep(2 * float(c.timing["interval"]))
     tl.show("\n" + format_status(lab.store_status()) + "\n")
     return {
+        "dir": str(lab.root),
         "old_master": "ca1",
         "new_master": new,
         "detected_after_s": round(detected, 2) if detected is not None else None,
