@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +137,9 @@ class Lab:
         """The configuration every operator command can use (`ca-watchdog status --config ...`)."""
         return self.cluster.nodes[self.spec.names[0]].config
 
-    def member(self, name: str) -> str:
+    def _check_member(self, name: str) -> None:
         if name not in self.cluster.nodes:
             raise LabError(f"no member {name!r} in the lab in {self.root} (members: {' '.join(self.spec.names)})")
-        return name
 
     # ---- daemons: run like the CAs, through the lab's service manager, so any process finds them ----
 
@@ -341,7 +340,7 @@ class Lab:
 
     def kill(self, name: str, what: str) -> str:
         """Inject a fault into member `name`; what was done, in words."""
-        self.member(name)
+        self._check_member(name)
         if what in ("ca", "freeze"):
             pid = self.cluster.ca_pid(name)
             if pid is None:
@@ -378,8 +377,8 @@ def up(root: Path, say: Say, members: int | None = None, base_port: int | None =
     """Make (or, if `root` holds one, restart) a lab; the lab and its master's name once converged.
     A lab that could not be made is removed again."""
     root = root.resolve()
-    asked = {"members": members, "base_port": base_port, "with_ds": with_ds, "store": store}
-    asked = {k: v for k, v in asked.items() if v is not None}
+    given: dict[str, Any] = {"members": members, "base_port": base_port, "with_ds": with_ds, "store": store}
+    asked = {k: v for k, v in given.items() if v is not None}
     if (root / STATE_FILE).exists():
         lab = Lab.open(root)
         differ = [f"{k} {getattr(lab.spec, k)} (not {v})" for k, v in asked.items() if getattr(lab.spec, k) != v]
@@ -388,11 +387,14 @@ def up(root: Path, say: Say, members: int | None = None, base_port: int | None =
         return lab, lab.revive(say)
     if root.exists() and any(root.iterdir()):
         raise LabError(f"{root} exists and is not a lab (no {STATE_FILE}): choose another --dir")
-    spec = LabSpec(**asked, ds_prefix=_ds_prefix(root))  # type: ignore[arg-type]
+    spec = replace(LabSpec(ds_prefix=_ds_prefix(root)), **asked)
     if not 2 <= spec.members <= 9:
         raise LabError(f"--members {spec.members}: a lab has 2 to 9 members")
+    if not 1024 <= spec.base_port <= 65400:
+        raise LabError(f"--base-port {spec.base_port}: the lab needs ports from 1024 up to 65535 (base + 100)")
     if spec.store == "etcd":
-        spec = LabSpec(**{**asdict(spec), "etcd_ports": tuple(free_ports(2, spec.base_port + 60))})
+        client, peer = free_ports(2, spec.base_port + 60)
+        spec = replace(spec, etcd_ports=(client, peer))
     lab = Lab(root, spec)
     try:
         return lab, lab.create(say)
