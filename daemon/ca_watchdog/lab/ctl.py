@@ -41,7 +41,7 @@ from .pki import LabPKIFiles
 DEFAULT_DIR = Path("/tmp/ca-watchdog-lab")  # also in cli.py (which must not import this module)
 DEFAULT_BASE_PORT = 17640
 STATE_FILE = "lab.json"
-KILLS = ("ca", "daemon", "host", "freeze")
+KILLS = ("ca", "daemon", "host", "freeze")  # also in cli.py
 CONVERGE_TIMEOUT = 120.0  # a 389-DS lab's CAs connect to freshly created servers: give them time
 
 Say = Callable[[str], None]
@@ -341,6 +341,8 @@ class Lab:
     def kill(self, name: str, what: str) -> str:
         """Inject a fault into member `name`; what was done, in words."""
         self._check_member(name)
+        if what not in KILLS:
+            raise LabError(f"no fault {what!r} (faults: {', '.join(KILLS)})")
         if what in ("ca", "freeze"):
             pid = self.cluster.ca_pid(name)
             if pid is None:
