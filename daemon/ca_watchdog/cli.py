@@ -160,6 +160,24 @@ def _lazy(module: str, func: str = "cli_main") -> Handler:
     return run
 
 
+def _lab(module: str, func: str = "cli_main") -> Handler:
+    """A lab command (`lab ...`, `demo`): without the lab's optional dependencies, one line naming the
+    extra that brings them, not a traceback."""
+    run = _lazy(module, func)
+
+    def guarded(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except ModuleNotFoundError as exc:
+            missing = (exc.name or "").split(".")[0]
+            if missing in ("", "ca_watchdog"):
+                raise
+            _err(f"the lab needs module {missing!r}, which is not installed: pip install 'ca-watchdog[lab]'")
+            return EXIT_FAILED
+
+    return guarded
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ca-watchdog",
@@ -270,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--basedn", default="o=pki-tomcat-CA")
     sp.set_defaults(func=_lazy("probes.directory"))
 
-    lab = sub.add_parser("lab", help="test-lab tools")
+    lab = sub.add_parser("lab", help="a local test cluster (up, down, status, kill) and its simulated CA")
     labs = lab.add_subparsers(dest="lab_command", required=True, metavar="TOOL")
     sp = labs.add_parser("ca", help="run a simulated Dogtag CA")
     sp.add_argument("--cs-cfg", required=True)
@@ -293,12 +311,37 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--signing-key", help="key of the first certificate in --cafile: sign CRLs with it (else the server key)"
     )
-    sp.set_defaults(func=_lazy("lab.simca"))
+    sp.set_defaults(func=_lab("lab.simca"))
+
+    lab_dir = "/tmp/ca-watchdog-lab"  # lab.ctl.DEFAULT_DIR; not imported: the lab's dependencies may be missing
+    sp = labs.add_parser("up", help="start a local cluster and leave it running (until `lab down`)")
+    sp.add_argument("--dir", default=lab_dir, help=f"the lab's directory (default {lab_dir})")
+    sp.add_argument("--members", type=int, help="number of members, ca1..caN (2 to 9; default 3)")
+    sp.add_argument("--with-ds", action="store_true", default=None, help="a real replicated 389-DS per member")
+    sp.add_argument("--store", choices=("sqlite", "etcd"), help="the store (default sqlite; etcd: a lab etcd)")
+    sp.add_argument("--base-port", type=int, help="CA agent ports from here, API +20, 389-DS +40, etcd +60 (17640)")
+    sp.set_defaults(func=_lab("lab.ctl", "cli_up"))
+    sp = labs.add_parser("down", help="stop everything the lab started and remove its directory")
+    sp.add_argument("--dir", default=lab_dir, help=f"the lab's directory (default {lab_dir})")
+    sp.set_defaults(func=_lab("lab.ctl", "cli_down"))
+    sp = labs.add_parser("status", help="the lab's members and the state of their processes")
+    sp.add_argument("--dir", default=lab_dir, help=f"the lab's directory (default {lab_dir})")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=_lab("lab.ctl", "cli_status"))
+    sp = labs.add_parser("kill", help="inject a fault into a member: kill its CA, daemon or host, or freeze its CA")
+    sp.add_argument("member", metavar="MEMBER")
+    sp.add_argument(
+        "what", nargs="?", choices=("ca", "daemon", "host", "freeze"), default="ca",
+        help="ca: SIGKILL the CA (default); daemon: SIGKILL the daemon; host: SIGKILL every process of the "
+        "member and its 389-DS (`lab up` brings them back); freeze: SIGSTOP the CA (a hung Tomcat)",
+    )  # fmt: skip
+    sp.add_argument("--dir", default=lab_dir, help=f"the lab's directory (default {lab_dir})")
+    sp.set_defaults(func=_lab("lab.ctl", "cli_kill"))
 
     sp = sub.add_parser("demo", help="a local three-node cluster whose master is killed and replaced, live")
     sp.add_argument("--json", action="store_true", help="print only a JSON summary")
-    sp.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    sp.set_defaults(func=_lazy("lab.demo"))
+    sp.add_argument("--keep", action="store_true", help="leave the lab running (remove it with `lab down --dir`)")
+    sp.set_defaults(func=_lab("lab.demo"))
     return p
 
 

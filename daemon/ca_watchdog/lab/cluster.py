@@ -53,6 +53,36 @@ def wait_until(what: Callable[[], bool], timeout: float, step: float = 0.2) -> b
     return what()
 
 
+def _ancestry() -> set[int]:
+    """This process and its ancestors (a `sudo ca-watchdog lab down --dir D/` names D/ too)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return pids
+
+
+def pids_naming(directory: Path) -> list[int]:
+    """Live processes (but not this one or its ancestors) with a path under `directory` on their
+    command line: every process a lab starts names its directory so."""
+    marker = str(directory).encode() + b"/"
+    mine = _ancestry()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in mine:
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in cmdline and alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
 @dataclass
 class LabNode:
     name: str
@@ -372,19 +402,9 @@ class LabCluster:
     def _kill_leftovers(self) -> None:
         """A daemon stopped mid-action can leave its start command running, which then starts a CA
         after the stop above. Every process of this cluster names its directory on its command line."""
-        marker = str(self.root).encode() + b"/"
         for _ in range(3):
             time.sleep(0.3)
-            found = []
-            for proc in Path("/proc").iterdir():
-                if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                    continue
-                try:
-                    cmdline = (proc / "cmdline").read_bytes()
-                except OSError:
-                    continue
-                if marker in cmdline and alive(int(proc.name)):
-                    found.append(int(proc.name))
+            found = pids_naming(self.root)
             for pid in found:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

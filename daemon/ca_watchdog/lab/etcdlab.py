@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from .service import alive
+
 ETCD_BINARY = "/usr/bin/etcd"
 HOST = "127.0.0.1"
 DEFAULT_PORT = 24790
@@ -104,6 +106,12 @@ def _comm(pid: int) -> str | None:
         return None
 
 
+def _running_etcd(pid: int) -> bool:
+    """Not a zombie either: an etcd started by another process (`lab up`) is not our child, and a
+    PID 1 that does not reap (a container's) keeps it, dead, as a zombie still named etcd."""
+    return _comm(pid) == "etcd" and alive(pid)
+
+
 class EtcdLab:
     def __init__(
         self,
@@ -143,7 +151,7 @@ class EtcdLab:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _comm(pid) == "etcd" else None
+        return pid if _running_etcd(pid) else None
 
     def _tls_files(self) -> tuple[str, str, str]:
         if self.tls is None:
@@ -228,7 +236,7 @@ class EtcdLab:
             if self._proc is not None and self._proc.pid == pid:
                 if self._proc.poll() is not None:
                     return True
-            elif _comm(pid) != "etcd":
+            elif not _running_etcd(pid):
                 return True
             time.sleep(0.05)
         return False

@@ -182,6 +182,12 @@ class LabPKIFiles:
     client_cert: Path
     client_key: Path
 
+    @classmethod
+    def at(cls, directory: str | os.PathLike[str]) -> LabPKIFiles:
+        """The files `write_lab_pki` writes to `directory` (a later command finds a lab's PKI so)."""
+        d = Path(directory)
+        return cls(d, d / "ca.pem", d / "ca.key", d / "server.pem", d / "server.key", d / "agent.pem", d / "agent.key")
+
 
 def write_lab_pki(
     directory: str | os.PathLike[str],
@@ -195,7 +201,7 @@ def write_lab_pki(
     """
     d = Path(directory)
     ca = LabCA.create(common_name)
-    ca_cert, ca_key = ca.write(d, "ca")
-    server_cert, server_key = ca.issue_server(ip_addresses=server_ips).write(d, "server")
-    client_cert, client_key = ca.issue_client().write(d, "agent")
-    return LabPKIFiles(d, ca_cert, ca_key, server_cert, server_key, client_cert, client_key)
+    ca.write(d, "ca")
+    ca.issue_server(ip_addresses=server_ips).write(d, "server")
+    ca.issue_client().write(d, "agent")
+    return LabPKIFiles.at(d)
