@@ -184,12 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hands-off high availability for Dogtag PKI CA masters and clones.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # before the command (`ca-watchdog --config F status`) or after it (`ca-watchdog status --config F`)
+    p.add_argument(
+        "--config", "-c", dest="global_config", metavar="CONFIG", help=f"configuration file ({DEFAULT_CONFIG_PATH})"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument(
-            "--config", "-c", default=DEFAULT_CONFIG_PATH, help=f"configuration file (default {DEFAULT_CONFIG_PATH})"
-        )
+        sp.add_argument("--config", "-c", help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
         return sp
 
     sp = with_config(sub.add_parser("run", help="run the HA loop (the systemd service)"))
@@ -349,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .cscfg import CSCfgError, CSCfgWriteError
 
     args = build_parser().parse_args(argv)
+    if hasattr(args, "config") and args.config is None:
+        args.config = args.global_config or DEFAULT_CONFIG_PATH
     try:
         rc: int = args.func(args)
         return rc
