@@ -13,7 +13,10 @@ credential. What a test shows is read from systemd itself (``systemctl show``, t
 not from the daemon's opinion of itself.
 
 The watchdog check uses the shipped WatchdogSec=30s as it is (no drop-in lowering it): it costs
-about 40 s of the file's 2-2.5 minutes, and it is the unit's own number that is verified.
+about 40 s of the file's 2-3 minutes, and it is the unit's own number that is verified.
+
+The lease hand-off tests change the guard's sandbox only through a drop-in in /run (the store out
+of its reach); the daemon's unit stays as shipped.
 """
 
 from __future__ import annotations
