@@ -135,7 +135,9 @@ boot() {
   local state=""
   for _ in $(seq 1 240); do
     kill -0 "$np" 2>/dev/null || { tail -n 30 "$STATE/console.log" >&2; die "systemd-nspawn exited during boot (console: $STATE/console.log)"; }
-    state=$(bexec systemctl is-system-running 2>/dev/null || true)
+    # nspawn may not have forked the bed's PID 1 yet (bexec would die): ask only once it has
+    state=""
+    if leader >/dev/null; then state=$(bexec systemctl is-system-running 2>/dev/null) || true; fi
     case "$state" in running|degraded) break ;; esac
     sleep 0.25
   done

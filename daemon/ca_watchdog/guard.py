@@ -101,8 +101,13 @@ def guard_view(
 
 async def read_store(settings: Settings, store: Store | None) -> tuple[StoreState | None, str | None]:
     s = settings.store
-    if s.backend == "sqlite" and not await asyncio.to_thread(os.path.exists, s.path):
-        return EMPTY_STORE, None
+    if s.backend == "sqlite":
+        try:
+            await asyncio.to_thread(os.stat, s.path)
+        except FileNotFoundError:
+            return EMPTY_STORE, None
+        except OSError as exc:  # a file it cannot look at (permissions, a sandbox, SELinux) is not a bootstrap
+            return None, f"store unreachable ({s.path}: {exc.strerror})"
     if store is None:
         return None, "store could not be opened"
     try:

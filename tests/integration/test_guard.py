@@ -3,6 +3,7 @@ store. Real CS.cfg files, a real SQLite store; an unreachable etcd endpoint for 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -157,6 +158,40 @@ async def test_defect13_a_ca_started_before_any_daemon_ran_on_a_fresh_sqlite_hos
     assert not result.changed and "bootstrap" in result.message, result.message
     assert master_file.read_bytes() == before
     assert not (tmp_path / "not-yet").exists(), "the guard must not create the daemon's store"
+
+
+async def test_a_store_directory_the_guard_cannot_search_is_an_unreachable_store_not_a_bootstrap(
+    tmp_path: Path, master_file: Path
+) -> None:
+    """ca2 holds the key; the guard may not look into the store's directory (a sandbox, SELinux, a
+    mode): that is a store it cannot read, so the master CS.cfg is demoted, never kept as a bootstrap
+    (found in the real-systemd bed with InaccessiblePaths= on the directory)."""
+    s = settings(tmp_path, store={"path": str(tmp_path / "store" / "state.db")})
+    (tmp_path / "store").mkdir()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[node]\nname = "ca1"\ncs_cfg = "{master_file}"\n[store]\npath = "{s.store.path}"\n'
+        '[[cluster.members]]\nname = "ca1"\nagent_url = "https://ca1.example.test:8443"\n'
+        '[[cluster.members]]\nname = "ca2"\nagent_url = "https://ca2.example.test:8443"\n'
+    )
+    async with store_of(s) as st:
+        assert await st.acquire_leader("ca2", 60, "test")
+    os.chmod(tmp_path / "store", 0)
+    # root searches a mode-0 directory through CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH: drop every capability
+    no_caps = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"] if os.geteuid() == 0 else []
+    try:
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [*no_caps, sys.executable, "-m", "ca_watchdog.cli", "guard", "--config", str(cfg), "pki-tomcat"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.chmod(tmp_path / "store", 0o700)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"store unreachable ({s.store.path}: Permission denied)" in out.stdout, out.stdout
+    assert role_and_target(master_file) == ("clone", "ca2.example.test"), out.stdout
 
 
 # ---- the daemon's lease hand-off (the daemon starts its CA as master during a store blip) -------------

@@ -13,15 +13,20 @@ credential. What a test shows is read from systemd itself (``systemctl show``, t
 not from the daemon's opinion of itself.
 
 The watchdog check uses the shipped WatchdogSec=30s as it is (no drop-in lowering it): it costs
-about 40 s of the file's 2-2.5 minutes, and it is the unit's own number that is verified.
+about 40 s of the file's 2-3 minutes, and it is the unit's own number that is verified.
+
+The lease hand-off tests change the guard's sandbox only through a drop-in in /run (the store out
+of its reach); the daemon's unit stays as shipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -51,6 +56,7 @@ WATCHDOG_SEC = 30  # the shipped WatchdogSec=
 RESTART_SEC = 5  # the shipped RestartSec=
 TTL = 30  # [timing].ttl in the bed's config (the default)
 STORE_DIR = "/var/lib/ca-watchdog"
+LEASE_FILE = "/run/ca-watchdog/lease.json"  # node.lease_file (the default): the daemon's hand-off to the guard
 GUARD = "ca-watchdog guard:"
 
 # ---- steps the tests share ---------------------------------------------------------------------------
@@ -347,11 +353,35 @@ def test_the_unit_refuses_to_start_when_the_credential_file_is_missing(bed: Syst
 # ---- the guard drop-in -----------------------------------------------------------------------------------
 
 
-GUARD_LEFT_MASTER = re.compile(rf"{GUARD} ca1 holds the leader key \(epoch \d+\) \[.*\]: CS\.cfg left as master")
+# "; lease hand-off: ..." when the daemon holds the key and has handed it over in LEASE_FILE
+GUARD_LEFT_MASTER = re.compile(
+    rf"{GUARD} ca1 holds the leader key \(epoch (\d+)\)(?:; lease hand-off: epoch (\d+), renewed [0-9.]+s ago)? "
+    r"\[.*\]: CS\.cfg left as master"
+)
 
 
 def is_pid1(r: dict[str, Any], unit: str, start: str) -> bool:
     return r["_PID"] == "1" and r.get("UNIT") == unit and r["MESSAGE"].startswith(start)
+
+
+@contextlib.contextmanager
+def guard_dropin(bed: SystemdBed, name: str, service_lines: str) -> Iterator[None]:
+    """A test drop-in in the guard unit's [Service] (in /run: bed.reset() removes it too)."""
+    dropin = f"/run/systemd/system/{GUARD_UNIT}.d"
+    bed.run("mkdir", "-p", dropin)
+    bed.run("tee", f"{dropin}/{name}.conf", input=f"[Service]\n{service_lines}\n")
+    bed.systemctl("daemon-reload")
+    try:
+        yield
+    finally:
+        bed.run("rm", "-f", f"{dropin}/{name}.conf")
+        bed.systemctl("daemon-reload")
+
+
+def guard_line(bed: SystemdBed, cursor: str) -> str:
+    """The guard's one line after ``cursor``."""
+    _, line = first(bed.unit_log(cursor, GUARD_UNIT), lambda r: r["MESSAGE"].startswith(GUARD), "the guard's line")
+    return str(line["MESSAGE"])
 
 
 def test_the_guard_runs_in_its_own_sandboxed_unit_before_the_ca_at_every_start(bed: SystemdBed) -> None:
@@ -386,13 +416,17 @@ def test_the_guard_runs_in_its_own_sandboxed_unit_before_the_ca_at_every_start(b
     i_guard, guard = first(log, lambda r: r["MESSAGE"].startswith(GUARD), "the guard's line")
     i_gdone, _ = first(log, lambda r: is_pid1(r, GUARD_UNIT, "Finished "), "PID 1: the guard finished")
     i_starting, _ = first(log, lambda r: is_pid1(r, CA_UNIT, "Starting "), "PID 1 starting the CA")
-    i_own, _ = first(log, lambda r: r["MESSAGE"].startswith("stand-in pki-tomcatd@pki-tomcat: own"), "own pre")
+    _, own = first(log, lambda r: r["MESSAGE"].startswith("stand-in pki-tomcatd@pki-tomcat: own"), "own pre")
     i_started, _ = first(log, lambda r: is_pid1(r, CA_UNIT, "Started "), "Started")
     i_ca, ca = first(log, lambda r: r["MESSAGE"].startswith("simca ca1 listening on"), "the CA's first line")
-    # the whole guard unit is over before PID 1 even begins the CA's start
-    assert i_gstart < i_guard < i_gdone < i_starting < i_own < i_started < i_ca, [r["MESSAGE"][:80] for r in log]
+    # the whole guard unit is over before PID 1 even begins the CA's start. (Not compared: the CA's own
+    # ExecStartPre= line with PID 1's "Starting": journald reads them from two sockets, and under load
+    # records a line a process printed right after PID 1's before PID 1's.)
+    assert i_gstart < i_guard < i_gdone < i_starting < i_started < i_ca, [r["MESSAGE"][:80] for r in log]
+    assert own["_SYSTEMD_UNIT"] == CA_UNIT
     assert guard["_SYSTEMD_UNIT"] == GUARD_UNIT and ca["_SYSTEMD_UNIT"] == CA_UNIT
-    assert GUARD_LEFT_MASTER.fullmatch(guard["MESSAGE"]), guard["MESSAGE"]
+    left = GUARD_LEFT_MASTER.fullmatch(guard["MESSAGE"])
+    assert left and left[2] is None, guard["MESSAGE"]  # no daemon ran: no hand-off, the store alone
     # when this member holds the key the CA starts as master and CS.cfg is not touched
     assert (bed.read(CS_CFG), stat(bed, CS_CFG)) == before
     assert bed.out("sh", "-c", f"ls {CS_CFG}.*.ca-watchdog 2>/dev/null || true") == "", "a backup was written"
@@ -431,19 +465,15 @@ echo "PROBE groups: $(id -Gn)"
 """
     script = "/usr/local/lib/sdbed-guard-probe.sh"
     bed.run("tee", script, input=probe)
-    dropin = f"/run/systemd/system/{GUARD_UNIT}.d"
-    bed.run("mkdir", "-p", dropin)
-    bed.run("tee", f"{dropin}/probe.conf", input=f"[Service]\nExecStartPre=/bin/sh {script}\n")
     try:
-        bed.systemctl("daemon-reload")
-        store_says(bed, "ca1")
-        c = bed.cursor()
-        bed.systemctl("start", CA_UNIT)
+        with guard_dropin(bed, "probe", f"ExecStartPre=/bin/sh {script}"):
+            store_says(bed, "ca1")
+            c = bed.cursor()
+            bed.systemctl("start", CA_UNIT)
         lines = [m.removeprefix("PROBE ") for m in bed.messages(c, f"_SYSTEMD_UNIT={GUARD_UNIT}") if m[:6] == "PROBE "]
         seen = {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
     finally:
-        bed.run("rm", "-rf", dropin, script, f"{inst}/alias", f"{inst}/password.conf")
-        bed.systemctl("daemon-reload")
+        bed.run("rm", "-rf", script, f"{inst}/alias", f"{inst}/password.conf")
     caps = {k: v for k, v in seen.items() if k in ("CapBnd", "CapEff", "NoNewPrivs")}
     seen = {k: v for k, v in seen.items() if k not in caps}
     assert seen == {
@@ -517,6 +547,69 @@ def test_a_guard_that_cannot_write_cscfg_keeps_the_ca_from_starting(bed: Systemd
     assert bed.prop(GUARD_UNIT, "Result") == "exit-code"
 
 
+# ---- the lease hand-off: the daemon's proof of its lease, for the guard, in /run ----------------------
+
+
+def test_the_key_holder_hands_its_lease_to_the_sandboxed_guard_in_a_root_only_file_on_run(bed: SystemdBed) -> None:
+    """The daemon holds the key: /run/ca-watchdog (RuntimeDirectory=, 0700) holds lease.json (0600),
+    its name and epoch; a `systemctl restart` of the CA runs the guard, which reads it through its
+    sandbox (ProtectSystem=strict, CAP_CHOWN only). No proof outlives the daemon."""
+    healthy_master(bed)
+    epoch = int(bed.status_json()["epoch"])
+    assert bed.out("stat", "-c", "%U:%G:%a:%F", LEASE_FILE.rsplit("/", 1)[0]) == "root:root:700:directory"
+    assert bed.out("stat", "-c", "%U:%G:%a:%F", LEASE_FILE) == "root:root:600:regular file"
+    proof = json.loads(bed.out("cat", LEASE_FILE))
+    assert (proof["name"], proof["epoch"]) == ("ca1", epoch), proof
+    before = (bed.read(CS_CFG), stat(bed, CS_CFG))
+    c = bed.cursor()
+    bed.systemctl("restart", CA_UNIT)
+    line = guard_line(bed, c)
+    m = re.fullmatch(
+        rf"{GUARD} ca1 holds the leader key \(epoch {epoch}\); lease hand-off: epoch {epoch}, "
+        r"renewed ([0-9.]+)s ago \[.*\]: CS\.cfg left as master",
+        line,
+    )
+    assert m, f"the guard did not use the hand-off: {line}"
+    bed.note(f"lease hand-off read by the sandboxed guard at a CA restart: renewed {m[1]} s before")
+    assert float(m[1]) < 5, "the daemon renews every 2 s (interval): the proof should be that fresh"
+    assert (bed.read(CS_CFG), stat(bed, CS_CFG)) == before
+    bed.systemctl("stop", SERVICE)
+    gone = bed.run("test", "-e", LEASE_FILE.rsplit("/", 1)[0], check=False).returncode != 0
+    assert gone, "/run/ca-watchdog outlived the daemon (RuntimeDirectory= removes it at the stop)"
+
+
+def test_a_store_the_guard_cannot_reach_keeps_the_key_holders_ca_master_by_the_hand_off_and_demotes_it_without(
+    bed: SystemdBed,
+) -> None:
+    """The store is out of the guard's reach only (a test drop-in: InaccessiblePaths= on the store's
+    directory; the daemon still renews). A CA restart while the daemon holds the key: the hand-off
+    proves the lease, CS.cfg stays master. The daemon stopped (its /run directory goes with it), the
+    same restart: nothing proves a lease, the master CS.cfg becomes a clone of ca2."""
+    healthy_master(bed)
+    epoch = int(bed.status_json()["epoch"])
+    before = (bed.read(CS_CFG), stat(bed, CS_CFG))
+    unreachable = rf"{GUARD} store unreachable \({STORE_DIR}/state\.db: Permission denied\)"
+    with guard_dropin(bed, "no-store", f"InaccessiblePaths={STORE_DIR}"):
+        c = bed.cursor()
+        bed.systemctl("restart", CA_UNIT)
+        line = guard_line(bed, c)
+        kept = rf"{unreachable}; lease hand-off: epoch {epoch}, renewed [0-9.]+s ago \[.*\]: CS\.cfg left as master"
+        assert re.fullmatch(kept, line), line
+        assert (bed.read(CS_CFG), stat(bed, CS_CFG)) == before
+        assert bed.out("sh", "-c", f"ls {CS_CFG}.*.ca-watchdog 2>/dev/null || true") == "", "a backup was written"
+        assert wait_for(lambda: any("role=master" in m for m in bed.messages(c, f"_SYSTEMD_UNIT={CA_UNIT}")), 15)
+
+        bed.systemctl("stop", SERVICE)
+        assert bed.run("test", "-e", LEASE_FILE, check=False).returncode != 0, "the hand-off outlived the daemon"
+        c = bed.cursor()
+        bed.systemctl("restart", CA_UNIT)
+        line = guard_line(bed, c)
+    demoted = rf"{unreachable} \[.*\]: CS\.cfg was master, now a clone of ca2 \(backup \S+\)"
+    assert re.fullmatch(demoted, line), line
+    cfg = bed.cscfg()
+    assert (cfg["role"], cfg["master_agent"]) == ("clone", f"127.0.0.1:{PEER_PORT}"), cfg
+
+
 # ---- stop ------------------------------------------------------------------------------------------------
 
 
@@ -585,7 +678,11 @@ def test_the_daemon_promotes_its_ca_through_systemctl_from_inside_its_sandbox(pr
     # the sandboxed daemon stopped and started pki-tomcatd@ (PID 1 did it), and the guard agreed
     first(pid1(after, CA_UNIT), lambda r: r["MESSAGE"].startswith("Stopping "), "PID 1 stopping the CA")
     first(pid1(after, CA_UNIT), lambda r: r["MESSAGE"].startswith("Started "), "PID 1 starting the CA again")
-    first(after, lambda r: bool(GUARD_LEFT_MASTER.fullmatch(r["MESSAGE"])), "the guard leaving CS.cfg master")
+    _, guard = first(after, lambda r: bool(GUARD_LEFT_MASTER.fullmatch(r["MESSAGE"])), "the guard leaving master")
+    # the store answered, and the daemon had handed the guard the key it had just taken
+    new_epoch = str(promotion["old_epoch"] + 1)
+    left = GUARD_LEFT_MASTER.fullmatch(guard["MESSAGE"])
+    assert left and left.groups() == (new_epoch, new_epoch), guard["MESSAGE"]
     first(after, lambda r: "listening on" in r["MESSAGE"] and "role=master" in r["MESSAGE"], "the CA as master")
     assert (st["leader"], st["epoch"]) == ("ca1", promotion["old_epoch"] + 1), st
     assert promotion["cscfg"]["role"] == "master"
