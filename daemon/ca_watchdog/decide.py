@@ -14,6 +14,7 @@ rules, in the order they are checked:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from .model import (
@@ -84,6 +85,8 @@ def _without_store(v: ClusterView) -> Decision:
         f"lease not renewed for {age:.1f}s"
         if renewed is not None
         else f"no lease proven in the {age:.1f}s since my start"
+        if math.isfinite(age)
+        else "no lease proven"  # the guard: it holds none of its own
     )
     others = sorted(m.name for m in v.members if m.name != v.me)
     if renewed is not None and others and set(others) <= set(v.failsafe_acks):
