@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
 import random
 import selectors
 import tempfile
@@ -1080,7 +1081,9 @@ async def _operator_bootstraps_if_asked(w: World) -> None:
 
 def run_history(seed: int, members: int | None = None, keep_log: bool = False) -> Result:
     logging.getLogger("ca_watchdog").setLevel(logging.CRITICAL)
-    with tempfile.TemporaryDirectory(prefix=f"cawd-sim-{seed}-") as tmp:
+    # on tmpfs where there is one, like /run on a CA host: each history renames its files hundreds of times
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix=f"cawd-sim-{seed}-", dir=shm) as tmp:
         log: list[str] = []
         w = World(seed, Path(tmp), members, log)
         clock = w.clock
