@@ -158,6 +158,8 @@ def test_every_rule_the_brief_asks_for_exists() -> None:
         "CAWatchdogNoMaster",
         "CAWatchdogMultipleMasters",
         "CAWatchdogMasterUnmanaged",
+        "CAWatchdogNoServingMaster",
+        "CAWatchdogSeveralServingMasters",
         "CAWatchdogFailoverHappened",
         "CAWatchdogFailoverFailed",
         "CAWatchdogReplicationRed",
