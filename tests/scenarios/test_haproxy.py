@@ -57,8 +57,8 @@ def haproxy_config(c: LabCluster, master_port: int, any_port: int, stats: Path, 
     sub(r"^(\s+bind) :8443$", rf"\1 127.0.0.1:{master_port}", 1)
     sub(r"^(\s+bind) :8444$", rf"\1 127.0.0.1:{any_port}", 1)
     for n, node in c.nodes.items():
-        sub(rf"^(\s+server {n}) {n}\.example\.com:8443 check port 8099 ", rf"\1 127.0.0.1:{node.agent_port} "
-            rf"check port {node.api_port} ", 2)  # fmt: skip
+        server = rf"\1 127.0.0.1:{node.agent_port} check port {node.api_port} "
+        sub(rf"^(\s+server {n}) {n}\.example\.com:8443 check port 8099 ", server, 2)
         sub(rf"\b{n}\.example\.com\b", "localhost", 4)  # the lab server certificate's DNS name
     sub(r"/etc/haproxy/ca-watchdog-ca\.pem", str(c.pki.ca_cert), 2)
     sub(r"/run/haproxy/admin\.sock", str(stats), 1)
@@ -95,12 +95,16 @@ class HAProxy:
             self.proc = subprocess.Popen([HAPROXY, "-db", "-f", str(self.cfg)], stdout=log, stderr=subprocess.STDOUT)
         assert wait_until(self.stats.exists, 10), f"HAProxy did not start:\n{self.log.read_text()}"
 
+    def _servers(self, backend: str) -> dict[str, dict[str, str]]:
+        return {sv: r for (px, sv), r in show_stat(self.stats).items() if px == backend and sv.startswith("ca")}
+
     def status(self, backend: str) -> dict[str, str]:
         """Each server's check status in `backend`: UP, DOWN, ..."""
-        return {sv: r["status"] for (px, sv), r in show_stat(self.stats).items() if px == backend and sv.startswith("ca")}
+        return {sv: r["status"] for sv, r in self._servers(backend).items()}
 
     def sessions(self, backend: str) -> dict[str, int]:
-        return {sv: int(r["stot"]) for (px, sv), r in show_stat(self.stats).items() if px == backend and sv.startswith("ca")}
+        """Connections HAProxy sent to each server of `backend` so far."""
+        return {sv: int(r["stot"]) for sv, r in self._servers(backend).items()}
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -138,7 +142,9 @@ def test_every_check_method_marks_only_the_master_up_for_master_traffic_and_ever
 ) -> None:
     want_master = {"ca1": "UP", "ca2": "DOWN", "ca3": "DOWN"}
     want_any = {"ca1": "UP", "ca2": "UP", "ca3": "UP"}
-    settled = wait_until(lambda: haproxy.status("ca_master") == want_master and haproxy.status("ca_any") == want_any, 15)
+    settled = wait_until(
+        lambda: haproxy.status("ca_master") == want_master and haproxy.status("ca_any") == want_any, 15
+    )
     assert settled, (haproxy.status("ca_master"), haproxy.status("ca_any"), haproxy.log.read_text()[-2000:])
 
 
