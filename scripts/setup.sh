@@ -8,7 +8,8 @@ PKGS=(
   libldap-dev libsasl2-dev                                 # python-ldap (needed by dogtag-pki's client)
   389-ds-base python3-lib389 ldap-utils                    # the real 389-DS lab
   etcd-server etcd-client                                  # the real etcd
-  prometheus                                               # promtool
+  prometheus                                               # promtool, and the real Prometheus of the scrape test
+  haproxy                                                  # examples/haproxy.cfg checked by the real HAProxy
   systemd                                                  # systemd-analyze verify
   iproute2 procps curl ca-certificates
 )

@@ -1,11 +1,15 @@
 """HTTP endpoints (aiohttp): health checks for HAProxy, cluster JSON, history, metrics, control.
 
 Reads are open (GET, HEAD; OPTIONS on /health, /master and /clone answers like GET, for HAProxy's
-default `option httpchk`). Anything that changes state needs TLS with a client certificate that
-chains to `api.client_ca_file`, carries the clientAuth extended key usage, is not revoked by
-`api.crl_file` (when set) and is allow-listed: `api.operators` may call everything, `api.peers`
-only `/failsafe`. A POST must say `Content-Type: application/json` (else 415) and carry no foreign
-`Origin` (else 403), so a browser cannot be made to send one.
+default `option httpchk`). /health, /master and /clone answer from the current state, not from the
+last completed cycle: the lease as the actuator holds it now and the local CA and CS.cfg as last
+observed (a key just taken or released shows at once).
+
+Anything that changes state needs TLS with a client certificate that chains to `api.client_ca_file`,
+carries the clientAuth extended key usage, is not revoked by `api.crl_file` (when set) and is
+allow-listed: `api.operators` may call everything, `api.peers` only `/failsafe`. A POST must say
+`Content-Type: application/json` (else 415) and carry no foreign `Origin` (else 403), so a browser
+cannot be made to send one.
 
 Hostile clients: at most `api.max_connections` connections (a new one evicts the oldest that has no
 request in progress), each closed when no request head arrives within `api.request_head_timeout`
@@ -89,23 +93,34 @@ def _status(ok: bool, text: str) -> web.Response:
     return web.json_response({"ok": ok, "detail": text}, status=200 if ok else 503)
 
 
+def serving_master(wd: Watchdog) -> bool:
+    """This member serves as master now: it holds the leader key (renewed, not past its fence point),
+    its CS.cfg is master and its CA was running when last probed. What /master and the metric
+    ca_watchdog_serving_master say."""
+    local = wd.last_local
+    return (
+        wd.actuator.lease_age() is not None
+        and not wd.actuator.fence_overdue()
+        and local is not None
+        and local.cscfg_role == "master"
+        and local.ca_status == CA_RUNNING
+    )
+
+
 async def health(request: web.Request) -> web.Response:
-    v = _wd(request).snapshot.view
-    ok = v is not None and v.local.ca_status == CA_RUNNING
-    return _status(ok, f"local CA {v.local.ca_status if v else 'not observed yet'}")
+    local = _wd(request).last_local
+    ok = local is not None and local.ca_status == CA_RUNNING
+    return _status(ok, f"local CA {local.ca_status if local else 'not observed yet'}")
 
 
 async def master(request: web.Request) -> web.Response:
-    v = _wd(request).snapshot.view
-    ok = bool(
-        v and v.leader and v.leader.name == v.me and v.local.cscfg_role == "master" and v.local.ca_status == CA_RUNNING
-    )
+    ok = serving_master(_wd(request))
     return _status(ok, "master" if ok else "not the serving master")
 
 
 async def clone(request: web.Request) -> web.Response:
-    v = _wd(request).snapshot.view
-    ok = bool(v and v.local.cscfg_role == "clone" and v.local.ca_status == CA_RUNNING)
+    local = _wd(request).last_local
+    ok = local is not None and local.cscfg_role == "clone" and local.ca_status == CA_RUNNING
     return _status(ok, "clone" if ok else "not a serving clone")
 
 
@@ -544,6 +559,8 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
 def make_app(wd: Watchdog) -> web.Application:
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY)
     app[WATCHDOG_KEY] = wd
+    # evaluated at each scrape, like /master: a key taken or lost shows without waiting for a cycle
+    wd.metrics.serving_master.labels(wd.me).set_function(lambda: 1.0 if serving_master(wd) else 0.0)
     for path, read in (("/health", health), ("/master", master), ("/clone", clone)):
         app.router.add_get(path, read)  # HEAD too
         app.router.add_route("OPTIONS", path, read)  # HAProxy's default httpchk

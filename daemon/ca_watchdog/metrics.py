@@ -24,6 +24,12 @@ class Metrics:
             "ca_watchdog_cscfg_role", "1 for the role the member's CS.cfg has", ["member", "role"], registry=r
         )
         self.is_leader = Gauge("ca_watchdog_leader", "1 if this member holds the leader key", ["member"], registry=r)
+        self.serving_master = Gauge(
+            "ca_watchdog_serving_master",
+            "1 if this member serves as master now: key held, CS.cfg master, CA running (as it sees itself)",
+            ["member"],
+            registry=r,
+        )
         self.epoch = Gauge("ca_watchdog_epoch", "epoch of the current leader key (0: none)", registry=r)
         self.masters_seen = Gauge(
             "ca_watchdog_masters_seen",
