@@ -184,6 +184,7 @@ class CAProcess:
     accept_at: float = 0.0  # when a starting CA's port accepts (then it answers nothing until running_at)
     running_at: float = 0.0
     frozen: bool = False
+    fails: bool = False  # this start ends in `failed` (the JVM exits) instead of `running`
 
 
 @dataclass
@@ -327,6 +328,8 @@ class World:
             await asyncio.Event().wait()
 
     p_crash = 0.0005
+    p_slow_start = 0.0  # a start slower than start_timeout (two JVMs at once on the real Dogtag: 22-33 s)
+    p_stop_hang = 0.03  # a JVM that does not stop within stop_timeout: systemctl gives up, the CA runs on
     # False: the daemon's own starts skip the guard (a start_command without it), to test the daemon alone;
     # starts at boot always run it (without a guard nothing keeps a returning master's CS.cfg off)
     guard_on_daemon_starts = True
@@ -371,18 +374,23 @@ class World:
         except cscfg.CSCfgError:
             role = "unreadable"
         delay = self.rng.uniform(0.5, MAX_START)
+        if self.faults_on and self.rng.random() < self.p_slow_start:
+            delay = self.rng.uniform(TIMING["start_timeout"], 2.5 * TIMING["start_timeout"])
         ca.state, ca.loaded_role, ca.frozen = "starting", role, False
-        ca.accept_at = self.clock.now + delay / 2
-        ca.running_at = self.clock.now + delay
-        fails = self.faults_on and self.rng.random() < 0.05
-        self.note(f"{name}: CA starting as {role} ({delay:.1f}s{', will fail' if fails else ''})")
-        asyncio.get_running_loop().call_at(ca.running_at, self._ca_up, name, ca.running_at, fails)
+        ca.fails = self.faults_on and self.rng.random() < 0.05
+        self.note(f"{name}: CA starting as {role} ({delay:.1f}s{', will fail' if ca.fails else ''})")
+        self._ca_up_at(name, self.clock.now + delay, self.clock.now + delay / 2)
 
-    def _ca_up(self, name: str, expected: float, fails: bool) -> None:
+    def _ca_up_at(self, name: str, at: float, accept_at: float) -> None:
+        ca = self.hosts[name].ca
+        ca.accept_at, ca.running_at = accept_at, at
+        asyncio.get_running_loop().call_at(at, self._ca_up, name, at)
+
+    def _ca_up(self, name: str, expected: float) -> None:
         ca = self.hosts[name].ca
         if ca.state != "starting" or ca.running_at != expected:
             return
-        ca.state = "failed" if fails else "running"
+        ca.state = "failed" if ca.fails else "running"
         self.note(f"{name}: CA {ca.state} ({ca.loaded_role})")
         self.safe_check(f"{name} CA up")
 
@@ -417,6 +425,9 @@ class World:
             h.cut_from.clear()
             if h.ca.frozen:
                 h.ca.frozen = False
+            if h.ca.state == "starting" and h.ca.running_at > self.clock.now + MAX_START:
+                up = self.clock.now + self.rng.uniform(0.5, MAX_START)  # slow starts end too
+                self._ca_up_at(n, up, min(h.ca.accept_at, up))
             if not h.alive:
                 self.start_daemon(n)
         self.store.stall_until = 0.0
@@ -570,6 +581,16 @@ def operator_ack(w: World) -> None:
     w.store.cooldown_ack_at = w.clock.now
 
 
+def slow_starts(w: World) -> None:
+    w.p_slow_start = w.rng.choice((0.0, 0.2, 0.5))
+    w.note(f"FAULT {w.p_slow_start:.0%} of CA starts take longer than start_timeout")
+
+
+def stops_hang(w: World) -> None:
+    w.p_stop_hang = w.rng.choice((0.03, 0.2, 0.5))
+    w.note(f"FAULT {w.p_stop_hang:.0%} of CA stops hang past stop_timeout")
+
+
 def crash_more(w: World) -> None:
     w.p_crash = w.rng.choice((0.0005, 0.005, 0.02))
     w.note(f"FAULT daemons crash at {w.p_crash:.1%} of their await points")
@@ -597,6 +618,8 @@ FAULTS: Sequence[Callable[[World], None]] = (
     operator_switchover,
     operator_ack,
     crash_more,
+    slow_starts,
+    stops_hang,
 )
 
 
@@ -638,7 +661,7 @@ class SimService:
     async def stop(self, timeout: float) -> None:
         if self.gated:
             await self.w.gate(self.host, "systemctl stop")
-        if self.w.faults_on and self.w.rng.random() < 0.03:
+        if self.w.faults_on and self.w.rng.random() < self.w.p_stop_hang:
             # the JVM does not stop in time: systemctl gives up, the CA keeps running as it was
             await asyncio.sleep(min(timeout, 2.0))
             self.w.note(f"{self.host}: stop timed out, CA still {self.w.hosts[self.host].ca.state}")
