@@ -399,7 +399,7 @@ class Bench:
         self.ds: DSLab | None = None
         self.counter = 0
         self.leaked: list[str] = []
-        self.timing = dict(LAB_TIMING)
+        self.timing: dict[str, float | int] = {**LAB_TIMING, **args.timing}
 
     # -- lab --
 
@@ -790,8 +790,10 @@ class Bench:
                         log(f"{kind}: run {i + 1} failed: {exc}")
                         r = {"kind": kind, "ok": False, "error": str(exc)}
                     runs.append(r)
-                    keys = ("ok", "detection_s", "declared_s", "decision_s", "restart_s", "total_s", "external_total_s")
-                    keys += ("renewal_gap_max_s",)
+                    keys = (
+                        *("ok", "detection_s", "declared_s", "decision_s", "restart_s", "total_s", "external_total_s"),
+                        "renewal_gap_max_s",
+                    )
                     log(f"{kind}: {json.dumps({k: r.get(k) for k in (*keys, 'failovers', 'master_changes')})}")
                 result["faults"][kind] = {"runs": runs, "summary": summarize(kind, runs)}
                 self.checkpoint(result)
@@ -1008,6 +1010,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-port", type=int, default=21000)
     p.add_argument("--base-port-max", type=int, default=21990)
     p.add_argument("--start-delay", type=float, default=2.0, help="simulated CA start time (s)")
+    p.add_argument(
+        "--timing",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one [timing] setting of the lab's (repeatable), e.g. --timing agent_timeout=2.5",
+    )
     p.add_argument("--poll", type=float, default=0.1, help="outside poller period (s)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds of steady state before a fault")
     p.add_argument("--seed", type=int, default=1)
@@ -1037,6 +1046,13 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown parts {bad}; choose from {','.join(PARTS)}")
     a.cycle_members = [int(x) for x in a.cycle_members.split(",")]
+    timing: dict[str, float | int] = {}
+    for item in a.timing:
+        key, sep, value = item.partition("=")
+        if not sep or key not in LAB_TIMING:
+            p.error(f"--timing {item!r}: expected KEY=VALUE with KEY one of {', '.join(LAB_TIMING)}")
+        timing[key] = int(value) if key == "failure_threshold" else float(value)
+    a.timing = timing
     res = Bench(a).run()
     table = markdown(res)
     print(table)
