@@ -5,7 +5,7 @@ The network probes run on their own cadence (`Cadence`), not inside the cycle: o
 `interval` whatever the earlier ones are doing, and the cycle takes the answers that arrived since the last
 one. A probe of a frozen CA (the kernel accepts the connection, nothing answers) waits for its whole timeout;
 inside the cycle that stretched every cycle to the timeout, so `failure_threshold` failed probes took
-threshold x max(interval, timeout) (6 s against 9 s at the defaults, interval 2 s and agent_timeout 3 s).
+threshold x max(interval, timeout): 9 s instead of 6 s at the defaults (interval 2 s, agent_timeout 3 s).
 On a cadence they overlap: the last of them is started (threshold - 1) intervals after the first and fails one
 timeout later. Answering "failed" before the timeout instead would count a slow but healthy CA as down.
 A failed answer wakes the cycle at once, so a kill is still counted as soon as the probe sees it.
@@ -200,14 +200,15 @@ class Observer:
     def _waker(self, status_of: Callable[[Any], AgentStatus] = lambda a: a) -> Callable[[Any], None]:
         """Wake the cycle on an answer that moves a decision: a change of status, or a failure while the
         consecutive failures are still counting up to the threshold (not every one of a long outage)."""
-        last: list[str | None] = [None]
-        fails = [0]
+        last: str | None = None
+        fails = 0
 
         def on_answer(answer: Any) -> None:
+            nonlocal last, fails
             status = status_of(answer).status
-            fails[0] = fails[0] + 1 if status == CA_DOWN else 0
-            changed, last[0] = status != last[0], status
-            if changed or 0 < fails[0] <= self.s.timing.failure_threshold:
+            fails = fails + 1 if status == CA_DOWN else 0
+            changed, last = status != last, status
+            if changed or 0 < fails <= self.s.timing.failure_threshold:
                 self.wake()
 
         return on_answer
