@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -200,6 +201,70 @@ class Poller:
         return seq if seq is not None else sorted(masters)
 
 
+class StoreWatch:
+    """The store read every `period` s on its own thread: each lease renewal the store recorded (the
+    leader record's `renewed_at`, the store's own clock) and each member's published `ca_down_streak`.
+
+    Renewals come every `interval` (1 s in the lab), so a 0.1 s poll sees every one of them; a missed one
+    could only make a measured gap longer, never shorter.
+    """
+
+    def __init__(self, c: BenchCluster, period: float = 0.1) -> None:
+        self.c, self.period = c, period
+        self.started = time.time()
+        self.leases: list[tuple[str, int, float, float]] = []  # (holder, epoch, acquired_at, renewed_at)
+        self.streaks: list[tuple[float, str, int]] = []  # (seen at, member, ca_down_streak) on each change
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="store-watch", daemon=True)
+
+    def start(self) -> StoreWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    async def _run(self) -> None:
+        store = self.c._store()
+        last: dict[str, int] = {}
+        try:
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                with contextlib.suppress(Exception):  # a busy store: the next poll reads it
+                    leader = await store.get_leader()
+                    if leader is not None:
+                        rec = (leader.name, leader.epoch, leader.acquired_at, leader.renewed_at)
+                        if not self.leases or self.leases[-1] != rec:
+                            self.leases.append(rec)
+                    for name, m in (await store.get_members()).records.items():
+                        streak = int(m.payload.get("ca_down_streak") or 0)
+                        if last.get(name) != streak:
+                            self.streaks.append((time.time(), name, streak))
+                            last[name] = streak
+                await asyncio.sleep(max(0.0, self.period - (time.monotonic() - t0)))
+        finally:
+            await store.close()
+
+    def renewal_gaps(self) -> list[float]:
+        """Gaps between two successful renewals of one lease (an acquisition seen here counts as the first)."""
+        stamps: dict[tuple[str, int], set[float]] = {}
+        for name, epoch, acquired, renewed in self.leases:
+            got = stamps.setdefault((name, epoch), set())
+            got.add(renewed)
+            if acquired >= self.started:
+                got.add(acquired)
+        gaps: list[float] = []
+        for got in stamps.values():
+            ordered = sorted(got)
+            gaps += [b - a for a, b in itertools.pairwise(ordered)]
+        return gaps
+
+    def declared(self, name: str, threshold: int, after: float) -> float | None:
+        """When `name`'s record first showed `threshold` failed probes at or after `after`."""
+        return next((at for at, n, k in self.streaks if n == name and k >= threshold and at >= after), None)
+
+
 # ---- helpers ------------------------------------------------------------------------------------------
 
 
@@ -334,7 +399,7 @@ class Bench:
         self.ds: DSLab | None = None
         self.counter = 0
         self.leaked: list[str] = []
-        self.timing = dict(LAB_TIMING)
+        self.timing: dict[str, float | int] = {**LAB_TIMING, **args.timing}
 
     # -- lab --
 
@@ -433,6 +498,7 @@ class Bench:
             self.steady(c)
             checker = InvariantChecker(c, period=self.a.poll).start()
             poller = Poller(c, period=self.a.poll).start()
+            watch = StoreWatch(c, period=self.a.poll).start()
             # every CA's state known (ca1: master) before the fault, so the master sequence starts right
             wait_until(
                 lambda: (
@@ -477,6 +543,7 @@ class Bench:
                         os.kill(extra["frozen_pid"], signal.SIGCONT)
                 violations = checker.stop()
                 poller.stop()
+                watch.stop()
             leader, _, events = c.state()
             after = [e for e in events if e["at"] >= fault_at]
             res.update(
@@ -494,6 +561,14 @@ class Bench:
                 invariant_violations=violations,
                 events=[{k: v for k, v in e.items() if k not in ("reason",)} for e in after],
             )
+            gaps = watch.renewal_gaps()
+            res["renewals_seen"] = len(gaps)
+            res["renewal_gap_max_s"] = round(max(gaps), 3) if gaps else None
+            declared = watch.declared("ca1", threshold, fault_at)
+            if kind in ("kill", "freeze") and declared is not None:
+                res["declared_s"] = round(declared - fault_at, 3)  # ca1 published `threshold` failed probes
+                if res.get("detection_s") is not None:  # then stopped its CA, wrote CS.cfg, released the key
+                    res["demote_s"] = round(res["detection_s"] - res["declared_s"], 3)
             if kind in ("kill", "freeze"):
                 res["floor"] = {
                     "detection_s": interval * threshold,
@@ -715,7 +790,10 @@ class Bench:
                         log(f"{kind}: run {i + 1} failed: {exc}")
                         r = {"kind": kind, "ok": False, "error": str(exc)}
                     runs.append(r)
-                    keys = ("ok", "detection_s", "decision_s", "restart_s", "total_s", "external_total_s")
+                    keys = (
+                        *("ok", "detection_s", "declared_s", "decision_s", "restart_s", "total_s", "external_total_s"),
+                        "renewal_gap_max_s",
+                    )
                     log(f"{kind}: {json.dumps({k: r.get(k) for k in (*keys, 'failovers', 'master_changes')})}")
                 result["faults"][kind] = {"runs": runs, "summary": summarize(kind, runs)}
                 self.checkpoint(result)
@@ -766,8 +844,11 @@ def tail(c: LabCluster, lines: int = 8) -> str:
 def summarize(kind: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in runs if r.get("ok", True) and "error" not in r]
     out: dict[str, Any] = {"runs": len(runs), "ok": len(ok)}
-    for k in ("detection_s", "decision_s", "restart_s", "total_s", "external_total_s"):
+    for k in ("detection_s", "declared_s", "demote_s", "decision_s", "restart_s", "total_s", "external_total_s"):
         out[k] = summary([r.get(k) for r in ok])
+    # every run, failed ones too: a lease renewed late is what a failed run may show
+    out["renewal_gap_max_s"] = summary([r.get("renewal_gap_max_s") for r in runs])
+    out["renewals_seen"] = sum(r.get("renewals_seen") or 0 for r in runs)
     floors = [r["floor"] for r in ok if "floor" in r]
     if floors:
         out["floor"] = floors[0]
@@ -855,6 +936,38 @@ def markdown(res: dict[str, Any]) -> str:
         for k, b in bd.items():
             lines.append(f"| {k} | " + " | ".join(_mw(b[st]) for st in steps) + " |")
         lines.append("")
+    split = {k: p["summary"] for k, p in res["faults"].items() if (p["summary"].get("declared_s") or {}).get("n")}
+    if split:
+        lines += [
+            "Detection split, median / worst: the probes (fault -> the old master's record shows "
+            f"{t['failure_threshold']} failed probes, read from the store every {st['poll_s']:g} s) and the "
+            "demotion (-> `released`: stop its CA, write CS.cfg, release the key):",
+            "",
+            "| fault | detection | probes | demotion |",
+            "|---|---|---|---|",
+        ]
+        for k, sm in split.items():
+            lines.append(f"| {k} | {_mw(sm['detection_s'])} | {_mw(sm['declared_s'])} | {_mw(sm['demote_s'])} |")
+        lines.append("")
+    gaps = {k: p["summary"] for k, p in res["faults"].items() if (p["summary"].get("renewal_gap_max_s") or {}).get("n")}
+    if gaps:
+        timing = TimingSettings(**{k: v for k, v in t.items() if k in TimingSettings.__dataclass_fields__})
+        fence = timing.ttl - timing.safety_margin
+        lines += [
+            f"Lease renewals seen by the store (the leader record's `renewed_at`, read every {st['poll_s']:g} s), "
+            f"largest gap between two successful renewals in a run, median / worst over the runs; the fence point "
+            f"`ttl - safety_margin` is {fence:g} s, and a master decides to fence one cycle budget earlier, "
+            f"{fence - timing.cycle_budget:g} s after its last renewal:",
+            "",
+            "| fault | renewals seen | largest gap | fence point / fence decision |",
+            "|---|---|---|---|",
+        ]
+        for k, sm in gaps.items():
+            lines.append(
+                f"| {k} | {sm['renewals_seen']} | {_mw(sm['renewal_gap_max_s'])} "
+                f"| {fence:g} / {fence - timing.cycle_budget:g} |"
+            )
+        lines.append("")
     if "idle" in res:
         i = res["idle"]
         lines += [
@@ -897,6 +1010,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-port", type=int, default=21000)
     p.add_argument("--base-port-max", type=int, default=21990)
     p.add_argument("--start-delay", type=float, default=2.0, help="simulated CA start time (s)")
+    p.add_argument(
+        "--timing",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one [timing] setting of the lab's (repeatable), e.g. --timing agent_timeout=2.5",
+    )
     p.add_argument("--poll", type=float, default=0.1, help="outside poller period (s)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds of steady state before a fault")
     p.add_argument("--seed", type=int, default=1)
@@ -926,6 +1046,13 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown parts {bad}; choose from {','.join(PARTS)}")
     a.cycle_members = [int(x) for x in a.cycle_members.split(",")]
+    timing: dict[str, float | int] = {}
+    for item in a.timing:
+        key, sep, value = item.partition("=")
+        if not sep or key not in LAB_TIMING:
+            p.error(f"--timing {item!r}: expected KEY=VALUE with KEY one of {', '.join(LAB_TIMING)}")
+        timing[key] = int(value) if key == "failure_threshold" else float(value)
+    a.timing = timing
     res = Bench(a).run()
     table = markdown(res)
     print(table)

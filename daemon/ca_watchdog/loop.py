@@ -106,7 +106,7 @@ class Watchdog:
         self.policy = policy_of(settings)
         self.members = member_configs(settings)
         self.ca = LocalCA(settings, service_for(settings.node), probe)
-        self.observer = Observer(settings, self.ca, probe, metrics, settings.ldap_password() or "")
+        self.observer = Observer(settings, self.ca, probe, metrics, settings.ldap_password() or "", wake=self.wake)
         self.actuator = Actuator(
             settings, store, self.ca, metrics, self.policy, on_start_issued=self.observer.started_ca, wake=self.wake
         )
@@ -304,13 +304,13 @@ class Watchdog:
         self.actuator.start_renewer()
         while True:
             started = time.monotonic()
+            self._wake.clear()  # a wake while the cycle runs (a probe answer it missed) runs the next one at once
             try:
                 await self.cycle()
             except Exception as exc:
                 self._cycle_failed(exc)
             if self.cycles == 1:
                 self.notifier.ready()
-            self._wake.clear()
             remaining = max(0.0, self.policy.interval - (time.monotonic() - started))
             waits: list[Awaitable[Any]] = [asyncio.sleep(remaining), self._wake.wait()]
             if self.actuator.held_epoch is None:
@@ -337,6 +337,7 @@ class Watchdog:
 
     async def shutdown(self) -> None:
         self.notifier.stopping()
+        self.observer.close()
         await self.actuator.stop()
         if self._peer_session is not None:
             await self._peer_session.close()

@@ -61,6 +61,9 @@ from ca_watchdog.store.base import (
 
 T = TypeVar("T")
 HOST: contextvars.ContextVar[str] = contextvars.ContextVar("sim_host", default="world")
+# the generation of the daemon whose task this is (every task it creates inherits it): after a restart, a
+# killed daemon's tasks (a probe or the renewer on its own cadence) must not do I/O as the new daemon
+DAEMON_GEN: contextvars.ContextVar[int | None] = contextvars.ContextVar("sim_daemon_generation", default=None)
 
 TIMING = {
     "interval": 1.0,
@@ -316,8 +319,9 @@ class World:
         h = self.hosts.get(host)
         if h is None:
             return
-        gen = h.generation
-        if not h.alive:
+        gen = DAEMON_GEN.get()
+        gen = h.generation if gen is None else gen
+        if not h.alive or h.generation != gen:
             await asyncio.Event().wait()
         if self.faults_on and self.rng.random() < self.p_crash:
             self.note(f"{host}: daemon crashes at {what}")
@@ -342,13 +346,14 @@ class World:
             return
         h.alive = True
         h.daemon_since = self.clock.now
-        token = HOST.set(name)
+        token, gen_token = HOST.set(name), DAEMON_GEN.set(h.generation)
         try:
             wd = Watchdog(h.settings, SimStore(self, name), SimProbe(self, name), Metrics(name))  # type: ignore[arg-type]
             wd.ca.service = SimService(self, name)
             h.daemon = wd
             h.daemon_task = asyncio.get_running_loop().create_task(wd.run_forever(), name=f"daemon {name}")
         finally:
+            DAEMON_GEN.reset(gen_token)
             HOST.reset(token)
         self.note(f"{name}: daemon started")
 
@@ -359,6 +364,10 @@ class World:
         h.alive = False
         h.generation += 1
         h.daemon = None
+        if h.daemon_task is not None:
+            # its main loop no longer waits on a probe (those run on their own tasks) and every store call
+            # times out: it would go on deciding in memory. Its I/O is blocked anyway; this saves the CPU.
+            h.daemon_task.cancel()
         self.note(f"{name}: daemon killed")
 
     # ---- CAs ----
