@@ -251,7 +251,10 @@ def test_the_unit_stays_activating_until_the_first_decision_and_is_active_right_
     # allow it a little lag behind PID 1)
     assert mono(decided) <= active + 0.25, "the unit was active before the first decision was logged"
     assert active - mono(decided) < 1.0, "the unit became active long after the first decision"
-    assert status_at_ready == decided["MESSAGE"], "at READY the status line was not the first decision"
+    # the status read right after `systemctl start` returns: the first decision, or a later one when the next
+    # cycle already ran (a failed probe answer wakes it at once: here the blackhole's timeout does)
+    later = [r["MESSAGE"] for r in decisions(bed.journal(c)) if mono(r) >= mono(decided)]
+    assert status_at_ready in later, f"at READY the status line was no decision of this start: {status_at_ready!r}"
 
 
 def test_status_shows_the_last_decision_line(bed: SystemdBed) -> None:
