@@ -27,17 +27,23 @@ def test_every_seeded_fault_history_keeps_one_master_a_lease_behind_it_and_recov
     assert promotions > SEEDS // 2, "the faults hardly ever forced a promotion: the simulation lost its teeth"
 
 
+# a history where the first master's daemon never took the key and a guard then demoted the only master
+# CS.cfg during a store outage (found as seed 5418 before the slow-start and hung-stop faults changed every
+# history; any change to the simulation's use of its random numbers moves it: then find another with
+# `grep -l "OPERATOR bootstrap"` over replayed logs)
+NEVER_BOOTSTRAPPED_SEED = 5936
+
+
 def test_a_guard_demotion_before_the_first_key_leaves_every_daemon_asking_for_bootstrap_then_it_serves() -> None:
-    """Seed 5418: the first master's daemon crashes before it takes the key, its host reboots during a
-    store outage and the guard demotes the only master CS.cfg (nobody can prove a lease). A store that
-    never had a master has nothing to fail over from: every daemon must name the command, and once the
-    operator runs it, a master must serve within the bound."""
+    """A store that never had a master has nothing to fail over from: every daemon must name the command,
+    and once the operator runs it, a master must serve within the bound."""
     from tests.sim.world import run_history
 
-    r = run_history(5418, keep_log=True)
+    r = run_history(NEVER_BOOTSTRAPPED_SEED, keep_log=True)
     assert not r.violations, r.violations
     asked = [line for line in r.log if "OPERATOR bootstrap --master" in line]
-    assert asked and "run `ca-watchdog bootstrap --master NAME`" in asked[0], asked
+    assert asked, f"seed {NEVER_BOOTSTRAPPED_SEED} no longer reaches the never-bootstrapped state: pick another"
+    assert "run `ca-watchdog bootstrap --master NAME`" in asked[0], asked
 
 
 def test_a_history_replays_exactly_from_its_seed() -> None:

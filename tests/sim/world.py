@@ -25,6 +25,7 @@ import contextvars
 import logging
 import os
 import random
+import re
 import selectors
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -85,6 +86,9 @@ LIVENESS_BOUND = 2 * TIMING["ttl"] + 2 * MAX_START + 8 * TIMING["interval"] + TI
 # a CA serving as master without its member holding the key, while its daemon runs: at most until its
 # daemon's next decision after a start or a lost lease (one cycle budget, the stop, the probes)
 UNLEASED_BOUND = TIMING["ttl"] + TIMING["stop_timeout"] + 3 * TIMING["interval"]
+
+
+_BACKUP_STAMP = re.compile(r"\.\d+\.ca-watchdog")
 
 
 class Violation(AssertionError):
@@ -265,6 +269,8 @@ class World:
         return {k: cfg.get(k) for k in cfg.keys() if not cscfg.is_role_key(k) and not k.startswith("ca.crl.")}  # noqa: SIM118
 
     def note(self, text: str) -> None:
+        # the same seed, the same log: no temporary directory name, no wall-clock backup name
+        text = _BACKUP_STAMP.sub(".<t>.ca-watchdog", text.replace(str(self.dir), "$SIM"))
         self.log.append(f"{self.clock.now - 1000:8.2f} {text}")
 
     # ---- invariants ----
@@ -500,6 +506,7 @@ def reboot_host(w: World) -> None:
     w.note(f"FAULT reboot {n}")
     w.kill_daemon(n)
     w.ca_stop(n)
+    lease_file.withdraw(w.hosts[n].settings.node.lease_file)  # /run is emptied at boot
     asyncio.get_running_loop().call_later(w.rng.uniform(3, 30), _boot, w, n)
 
 
