@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import ssl
 import subprocess
 import sys
@@ -18,6 +19,19 @@ from typing import Any
 from ca_watchdog.lab.cluster import LabCluster
 from ca_watchdog.lab.dslab import DSLab
 from ca_watchdog.lab.invariants import InvariantChecker, crl_violations, crl_write_log
+
+
+class ShippedFile:
+    """A shipped example file (examples/...) adapted to the lab: each substitution must match exactly as
+    often as expected, so a changed example fails the test instead of being tested half-adapted."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = f"{path.parent.name}/{path.name}"
+        self.text = path.read_text()
+
+    def sub(self, pattern: str, repl: str, count: int) -> None:
+        self.text, n = re.subn(pattern, repl, self.text, flags=re.M)
+        assert n == count, f"{self.name}: expected {count} x {pattern!r}, found {n}"
 
 
 class Scenario:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import re
 import shutil
 import socket
 import subprocess
@@ -30,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from scenario_lib import ShippedFile
 
 from ca_watchdog.lab.cluster import LabCluster, wait_until
 from ca_watchdog.lab.etcdlab import free_ports
@@ -47,13 +47,8 @@ def haproxy_config(c: LabCluster, master_port: int, any_port: int, stats: Path, 
     """examples/haproxy.cfg for the lab: addresses, ports and paths replaced, nothing else (except the
     check method, when a test asks for another)."""
     assert c.pki is not None
-    text = EXAMPLE.read_text()
-
-    def sub(pattern: str, repl: str, count: int) -> None:
-        nonlocal text
-        text, n = re.subn(pattern, repl, text, flags=re.M)
-        assert n == count, f"examples/haproxy.cfg: expected {count} x {pattern!r}, found {n}"
-
+    f = ShippedFile(EXAMPLE)
+    sub = f.sub
     sub(r"^(\s+bind) :8443$", rf"\1 127.0.0.1:{master_port}", 1)
     sub(r"^(\s+bind) :8444$", rf"\1 127.0.0.1:{any_port}", 1)
     for n, node in c.nodes.items():
@@ -64,7 +59,7 @@ def haproxy_config(c: LabCluster, master_port: int, any_port: int, stats: Path, 
     sub(r"/run/haproxy/admin\.sock", str(stats), 1)
     if method != "OPTIONS":
         sub(r"meth OPTIONS", f"meth {method}", 2)
-    return text
+    return f.text
 
 
 def show_stat(sock_path: Path) -> dict[tuple[str, str], dict[str, str]]:

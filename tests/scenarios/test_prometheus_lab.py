@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scenario_lib import Scenario
+from scenario_lib import Scenario, ShippedFile
 
 from ca_watchdog.lab.cluster import LabCluster, wait_until
 from ca_watchdog.lab.etcdlab import free_ports
@@ -56,19 +56,14 @@ def store_backend() -> str:
 
 def prometheus_config(c: LabCluster) -> str:
     assert c.pki is not None
-    text = EXAMPLE.read_text()
-
-    def sub(pattern: str, repl: str, count: int) -> None:
-        nonlocal text
-        text, n = re.subn(pattern, repl, text, flags=re.M)
-        assert n == count, f"examples/prometheus.yml: expected {count} x {pattern!r}, found {n}"
-
+    f = ShippedFile(EXAMPLE)
+    sub = f.sub
     sub(r"(scrape_interval|evaluation_interval|scrape_timeout): \d+s", r"\1: 1s", 4)
     sub(r"^(\s+- )/etc/prometheus/ca-watchdog-alerts\.yml$", rf"\g<1>{ALERTS}", 1)
     sub(r"^(\s+ca_file: )/etc/prometheus/ca-watchdog-ca\.pem$", rf"\g<1>{c.pki.ca_cert}", 1)
     targets = ", ".join(f"127.0.0.1:{node.api_port}" for node in c.nodes.values())
     sub(r"targets: \[(ca\d\.example\.com:8099(, )?){3}\]", f"targets: [{targets}]", 1)
-    return text
+    return f.text
 
 
 class Prometheus:
