@@ -209,7 +209,6 @@ class LocalMemory:
     restarted_in_incident: bool = False  # RESTART_CA already tried since the CA was last healthy
     previous_leader: str | None = None  # the epoch record's holder (the current or last master)
     previous_leader_released: bool = False  # it released the key itself (CA confirmed stopped) rather than expiring
-    previous_kind: str | None = None  # how it got the key (automatic, switchover, failover, bootstrap, resume)
     leaderless_for: float = 0.0  # seconds the key has been seen free
     known_replica_ids: Mapping[str, int] = field(default_factory=dict)
     epoch: int = 0  # the last epoch handed out (0: no master ever)

@@ -105,7 +105,6 @@ def build_view(
             restarted_in_incident=facts.restarted_in_incident,
             previous_leader=ep.name if ep else (leader.name if leader else None),
             previous_leader_released=bool(ep and ep.ended == "released" and not leader),
-            previous_kind=ep.kind if ep else None,
             leaderless_for=facts.leaderless_for,
             known_replica_ids=dict(known_replica_ids),
             epoch=max(ep.epoch if ep else 0, leader.epoch if leader else 0),

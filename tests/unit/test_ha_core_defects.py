@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,13 @@ class FakeCA:
         return PromotionTimes(1, 2, 3, 4)
 
 
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
+    yield s
+    await s.close()
+
+
 def actuator(tmp_path: Path, store: Any, ca: FakeCA) -> Actuator:
     cfg = settings(tmp_path)
     return Actuator(cfg, store, ca, Metrics("ca2"), policy_of(cfg))  # type: ignore[arg-type]
@@ -246,8 +254,9 @@ def promote_view(tmp_path: Path) -> Any:
     return view_for(tmp_path, st("ca2"), state(epoch=EpochRecord(1, "ca1", "bootstrap", NOW, "x")), {})
 
 
-async def test_defect5_a_rollback_keeps_the_key_when_the_ca_is_not_confirmed_stopped(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
+async def test_defect5_a_rollback_keeps_the_key_when_the_ca_is_not_confirmed_stopped(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
     ca = FakeCA()
     ca.fail_start = True
     a = actuator(tmp_path, store, ca)
@@ -257,11 +266,11 @@ async def test_defect5_a_rollback_keeps_the_key_when_the_ca_is_not_confirmed_sto
     await a.task
     leader = await store.get_leader()
     assert leader is not None and leader.name == "ca2", "the key was released while the CA may still serve"
-    await store.close()
 
 
-async def test_defect5_a_rollback_releases_the_key_once_the_ca_is_confirmed_stopped(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
+async def test_defect5_a_rollback_releases_the_key_once_the_ca_is_confirmed_stopped(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
     ca = FakeCA()
     ca.fail_start = True
     a = actuator(tmp_path, store, ca)
@@ -271,11 +280,9 @@ async def test_defect5_a_rollback_releases_the_key_once_the_ca_is_confirmed_stop
     assert await store.get_leader() is None
     rec = await store.get_epoch_record()
     assert rec is not None and rec.ended == "released" and "promotion failed" in (rec.ended_reason or "")
-    await store.close()
 
 
-async def test_defect3_a_self_fence_pre_empts_a_running_promotion(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
+async def test_defect3_a_self_fence_pre_empts_a_running_promotion(tmp_path: Path, store: SQLiteStore) -> None:
     ca = FakeCA()
     ca.hang = True
     a = actuator(tmp_path, store, ca)
@@ -287,11 +294,11 @@ async def test_defect3_a_self_fence_pre_empts_a_running_promotion(tmp_path: Path
     assert a.task is not None
     await a.task
     assert ca.calls[-2:] == ["stop", "demote"] and a.held_epoch is None
-    await store.close()
 
 
-async def test_defect3_nothing_starts_the_ca_as_master_once_the_lease_is_lost(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
+async def test_defect3_nothing_starts_the_ca_as_master_once_the_lease_is_lost(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
     ca = FakeCA()
     a = actuator(tmp_path, store, ca)
     real_renew = store.renew_leader
@@ -306,11 +313,11 @@ async def test_defect3_nothing_starts_the_ca_as_master_once_the_lease_is_lost(tm
         await a.task  # the lost lease stops the promotion where it is
     assert "start-as-master" not in ca.calls
     store.renew_leader = real_renew  # type: ignore[method-assign]
-    await store.close()
 
 
-async def test_defect6_a_release_whose_answer_is_lost_is_read_back_not_retried_into_a_failure(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
+async def test_defect6_a_release_whose_answer_is_lost_is_read_back_not_retried_into_a_failure(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
     rec = await store.acquire_leader("ca2", 10.0, "x")
     assert rec is not None
     a = actuator(tmp_path, store, FakeCA())
@@ -326,11 +333,11 @@ async def test_defect6_a_release_whose_answer_is_lost_is_read_back_not_retried_i
     assert a.held_epoch is None
     rec2 = await store.get_epoch_record()
     assert rec2 is not None and rec2.ended == "released" and rec2.target == "ca3"
-    await store.close()
 
 
-async def test_defect16_sigterm_during_a_promotion_stops_it_without_a_rollback(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
+async def test_defect16_sigterm_during_a_promotion_stops_it_without_a_rollback(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
     ca = FakeCA()
     ca.hang = True
     a = actuator(tmp_path, store, ca)
@@ -342,11 +349,11 @@ async def test_defect16_sigterm_during_a_promotion_stops_it_without_a_rollback(t
     assert leader is not None and leader.name == "ca2", "the key must stay for the next run to finish the promotion"
     step = await store.get_step("ca2")
     assert step is not None and step["step"] == "promote: starting"
-    await store.close()
 
 
-async def test_defect15_an_unfinished_step_is_cleared_once_a_decision_was_taken_on_it(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
+async def test_defect15_an_unfinished_step_is_cleared_once_a_decision_was_taken_on_it(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
     await store.put_step("ca2", {"step": "promote: starting"})
     a = actuator(tmp_path, store, FakeCA())
     await a.load_journal()
@@ -354,11 +361,9 @@ async def test_defect15_an_unfinished_step_is_cleared_once_a_decision_was_taken_
     v = view_for(tmp_path, st("ca2"), state(leader="ca1", epoch=EpochRecord(4, "ca1", "automatic", NOW, "x")), {})
     await a.apply(Decision(Action.WAIT, "clone of ca1"), v)
     assert a.unfinished_step is None and await store.get_step("ca2") is None
-    await store.close()
 
 
-async def test_defect17_taking_my_own_expired_key_back_never_touches_the_ca(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
+async def test_defect17_taking_my_own_expired_key_back_never_touches_the_ca(tmp_path: Path, store: SQLiteStore) -> None:
     assert await store.acquire_leader("ca2", 0.5, "bootstrap", kind="bootstrap") is not None
     await asyncio.sleep(0.7)
     ca = FakeCA()
@@ -370,20 +375,20 @@ async def test_defect17_taking_my_own_expired_key_back_never_touches_the_ca(tmp_
     assert ca.calls == [] and a.held_epoch == 2
     rec = await store.get_epoch_record()
     assert rec is not None and rec.kind == "resume"
-    await store.close()
 
 
 @pytest.mark.parametrize("expect_epoch", [0])
-async def test_defect17_resume_fails_once_another_epoch_was_handed_out(tmp_path: Path, expect_epoch: int) -> None:
-    store = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
+async def test_defect17_resume_fails_once_another_epoch_was_handed_out(
+    tmp_path: Path, store: SQLiteStore, expect_epoch: int
+) -> None:
     assert await store.acquire_leader("ca2", 10, "bootstrap", kind="bootstrap") is not None
     assert await store.acquire_leader("ca2", 10, "x", kind="resume", expect_epoch=expect_epoch) is None
-    await store.close()
 
 
-async def test_defect14_renewals_keep_their_cadence_while_a_cycle_is_stuck_in_slow_probes(tmp_path: Path) -> None:
+async def test_defect14_renewals_keep_their_cadence_while_a_cycle_is_stuck_in_slow_probes(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
     # the cycle is not running at all here (as if its probes hung): the renewer alone keeps the lease
-    store = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
     rec = await store.acquire_leader("ca2", 10.0, "x")
     assert rec is not None
     a = actuator(tmp_path, store, FakeCA())
@@ -399,7 +404,6 @@ async def test_defect14_renewals_keep_their_cadence_while_a_cycle_is_stuck_in_sl
     assert len(set(seen)) >= 4, f"renewals stalled: {seen}"
     age = a.lease_age()
     assert age is not None and age < 1.0
-    await store.close()
 
 
 def test_defect19_a_store_blip_keeps_my_proven_lease_in_the_view_so_master_keeps_answering(tmp_path: Path) -> None:
@@ -414,11 +418,11 @@ def test_defect19_a_store_blip_keeps_my_proven_lease_in_the_view_so_master_keeps
 
 async def test_the_lease_is_handed_to_the_guard_while_held_and_withdrawn_the_moment_it_is_released(
     tmp_path: Path,
+    store: SQLiteStore,
 ) -> None:
     """The guard that runs before a start as master must see the lease the daemon renewed for it; once
     the key is released (or lost), no proof may outlive it, or a store blip would let a master CS.cfg
     start on a member that no longer holds the key."""
-    store = SQLiteStore(tmp_path / "state.db", NAMES, 1.0)
     a = actuator(tmp_path, store, FakeCA())
     path = str(tmp_path / "lease.json")
     rec = await a._acquire(Decision(Action.PROMOTE, "elected", target="ca2"))
@@ -436,4 +440,3 @@ async def test_the_lease_is_handed_to_the_guard_while_held_and_withdrawn_the_mom
     await store.release_leader("ca2", rec.epoch, "taken away")  # someone ended it behind my back
     assert not await a.renew()
     assert lease_file.read(path, "ca2") is None
-    await store.close()
