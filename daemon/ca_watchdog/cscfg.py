@@ -410,7 +410,9 @@ def _bool(cfg: CSCfg, key: str, default: bool, problems: list[str]) -> bool | No
     raw = cfg.get(key)
     if raw is None:
         return default
-    v = raw.strip(_JAVA_BLANKS).lower()
+    # Java's reader skips the blanks after '=' but keeps those at the end, and Dogtag's getBoolean
+    # compares the whole value ("true " throws there, pki.util reads it as true): neither is taken
+    v = raw.lstrip(_JAVA_BLANKS).lower()
     if v in _TRUE:
         return True
     if v in _FALSE:
