@@ -298,3 +298,14 @@ def test_finding11_a_flag_with_a_trailing_blank_is_neither_true_nor_false(value:
     assert any(flag in p and "not true or false" in p for p in report.problems)
     # blanks before the value are skipped by every reader
     assert classify(parse(clone.replace(f"{flag}=false", f"{flag}= \tfalse"))).role is Role.CLONE
+
+
+def test_finding11_an_interval_with_a_trailing_blank_is_not_an_integer() -> None:
+    # PropConfigStore.getInteger is Integer.parseInt of the whole value: "600 " throws in the CA
+    clone = (FIXTURES / "CS.cfg.clone.sample").read_text()
+    assert "ca.certStatusUpdateInterval=0\n" in clone
+    key = "ca.certStatusUpdateInterval"
+    report = classify(parse(clone.replace(f"{key}=0\n", f"{key}=0 \n")))
+    assert report.role is Role.INCONSISTENT
+    assert any(key in p and "not an integer" in p for p in report.problems)
+    assert classify(parse(clone.replace(f"{key}=0\n", f"{key}=\t0\n"))).role is Role.CLONE
