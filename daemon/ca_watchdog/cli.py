@@ -307,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--crl-interval", type=float, default=2.0, help="seconds between CRL updates while master")
     sp.add_argument("--status-delay", type=float, default=0.0, help="fault: delay every getStatus answer by S seconds")
     sp.add_argument(
-        "--status-fault", choices=("http503", "garbage"), help="fault: getStatus answers 503 HTML or garbage"
+        "--status-fault",
+        choices=("http503", "garbage", "deep-json", "utf16-dtd"),
+        help="fault: getStatus answers 503 HTML, garbage, deep JSON or UTF-16 XML with a DTD",
     )
     sp.add_argument("--name", help="writer name recorded in LDAP (default: CS.cfg machineName)")
     sp.add_argument(

@@ -410,7 +410,9 @@ def _bool(cfg: CSCfg, key: str, default: bool, problems: list[str]) -> bool | No
     raw = cfg.get(key)
     if raw is None:
         return default
-    v = raw.strip(_JAVA_BLANKS).lower()
+    # Java's reader skips the blanks after '=' but keeps those at the end, and Dogtag's getBoolean
+    # compares the whole value ("true " throws there, pki.util reads it as true): neither is taken
+    v = raw.lstrip(_JAVA_BLANKS).lower()
     if v in _TRUE:
         return True
     if v in _FALSE:
@@ -446,8 +448,9 @@ def classify(cfg: CSCfg) -> RoleReport:
     raw_interval = cfg.get(KEY_STATUS_INTERVAL)
     if raw_interval is None:
         interval = DEFAULT_STATUS_INTERVAL
-    elif _JAVA_INT.fullmatch(raw_interval.strip(_JAVA_BLANKS)) and len(raw_interval.strip(_JAVA_BLANKS)) <= 12:
-        interval = int(raw_interval.strip(_JAVA_BLANKS))
+    elif _JAVA_INT.fullmatch(raw_interval.lstrip(_JAVA_BLANKS)) and len(raw_interval.lstrip(_JAVA_BLANKS)) <= 12:
+        # getInteger is Integer.parseInt of the value as Java's reader keeps it (trailing blanks too)
+        interval = int(raw_interval.lstrip(_JAVA_BLANKS))
         if interval < 0:
             problems.append(f"{KEY_STATUS_INTERVAL}={interval} is negative")
     else:

@@ -254,3 +254,47 @@ async def test_the_store_outranks_a_hand_off_another_member_holds_the_key_the_ma
         assert await st.acquire_leader("ca3", 10, "failover")
         result = await guard(s, st)
     assert result.changed and role_and_target(master_file) == ("clone", "ca3.example.test")
+
+
+@pytest.mark.parametrize("target", ["environment", "master-cscfg"])
+def test_finding2_the_guard_command_refuses_a_symlinked_cscfg_and_writes_nothing_through_it(
+    tmp_path: Path, target: str
+) -> None:
+    # the CA's account replaced CS.cfg with a symlink (to a fake /etc/environment, or to a master
+    # CS.cfg elsewhere); ca2 holds the key, so the guard would demote: it must refuse, write nothing
+    # and keep the CA from starting (exit status not 0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    real = elsewhere / "file"
+    if target == "environment":
+        real.write_text('PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"\n')
+    else:
+        shutil.copy(FIXTURES / "CS.cfg.master.sample", real)
+    before = real.read_bytes()
+    link = tmp_path / "CS.cfg"
+    link.symlink_to(real)
+    s = settings(tmp_path)
+
+    async def take() -> None:
+        async with store_of(s) as st:
+            assert await st.acquire_leader("ca2", 30, "test")
+
+    asyncio.run(take())
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[node]\nname = "ca1"\ncs_cfg = "{link}"\n[store]\npath = "{tmp_path / "state.db"}"\n'
+        '[[cluster.members]]\nname = "ca1"\nagent_url = "https://ca1.example.test:8443"\n'
+        '[[cluster.members]]\nname = "ca2"\nagent_url = "https://ca2.example.test:8443"\n'
+        '[[cluster.members]]\nname = "ca3"\nagent_url = "https://ca3.example.test:8443"\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "ca_watchdog.cli", "guard", "--config", str(cfg), "pki-tomcat"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert "symlink" in out.stderr, out.stdout + out.stderr
+    assert real.read_bytes() == before, "the guard wrote through the symlink"
+    assert link.is_symlink() and sorted(p.name for p in elsewhere.iterdir()) == ["file"]
+    assert not list(tmp_path.glob("CS.cfg.*")), "a backup or temp file was left"

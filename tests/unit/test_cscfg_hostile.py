@@ -283,3 +283,29 @@ def test_finding4_a_file_under_the_cap_with_many_keys_is_classified_in_linear_ti
     assert report.role is Role.INCONSISTENT and "more than 64 CRL issuing points" in report.problems[0]
     with pytest.raises(CSCfgError, match="more than 64"):
         demote(read_cscfg(path), "ca2", 8443)
+
+
+@pytest.mark.parametrize("value", ["true ", "true\t", "false ", "false\t"])
+def test_finding11_a_flag_with_a_trailing_blank_is_neither_true_nor_false(value: str) -> None:
+    # Dogtag 10.10 keeps trailing blanks in a value and PropConfigStore.getBoolean compares the whole
+    # value with equalsIgnoreCase: "true " throws (verified on the bed's Dogtag:
+    # tests/real/test_cscfg_java_reader.py), while pki.util strips it to "true". Neither reading is
+    # taken: the flag is a problem, the file inconsistent.
+    flag = "ca.crl.MasterCRL.enableCRLUpdates"
+    clone = (FIXTURES / "CS.cfg.clone.sample").read_text()
+    report = classify(parse(clone.replace(f"{flag}=false", f"{flag}={value}")))
+    assert report.role is Role.INCONSISTENT
+    assert any(flag in p and "not true or false" in p for p in report.problems)
+    # blanks before the value are skipped by every reader
+    assert classify(parse(clone.replace(f"{flag}=false", f"{flag}= \tfalse"))).role is Role.CLONE
+
+
+def test_finding11_an_interval_with_a_trailing_blank_is_not_an_integer() -> None:
+    # PropConfigStore.getInteger is Integer.parseInt of the whole value: "600 " throws in the CA
+    clone = (FIXTURES / "CS.cfg.clone.sample").read_text()
+    assert "ca.certStatusUpdateInterval=0\n" in clone
+    key = "ca.certStatusUpdateInterval"
+    report = classify(parse(clone.replace(f"{key}=0\n", f"{key}=0 \n")))
+    assert report.role is Role.INCONSISTENT
+    assert any(key in p and "not an integer" in p for p in report.problems)
+    assert classify(parse(clone.replace(f"{key}=0\n", f"{key}=\t0\n"))).role is Role.CLONE

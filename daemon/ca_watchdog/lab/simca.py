@@ -274,7 +274,7 @@ class SimSettings:
     status_format: str = "json"
     start_delay: float = 0.0
     status_delay: float = 0.0
-    status_fault: str | None = None  # None, "http503" or "garbage"
+    status_fault: str | None = None  # None, "http503", "garbage", "deep-json" or "utf16-dtd"
     ldap_url: str | None = None
     ldap_bind_dn: str = "cn=Directory Manager"
     ldap_password_file: str | None = None
@@ -422,6 +422,16 @@ class SimCA:
             return web.Response(status=503, text=body, content_type="text/html")
         if self.s.status_fault == "garbage":
             return web.Response(status=200, body=b"\x00\x17<<garbage{{not dogtag", content_type="application/json")
+        if self.s.status_fault == "deep-json":  # RecursionError in json.loads (issue 10, finding 7)
+            deep = b'{"Response": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+            return web.Response(status=200, body=deep, content_type="application/json")
+        if self.s.status_fault == "utf16-dtd":  # a DTD whose entity says "running" (issue 10, finding 10)
+            text = (
+                '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE XMLResponse [<!ENTITY r "running">]>'
+                "<XMLResponse><State>1</State><Type>CA</Type><Status>&r;</Status>"
+                f"<Version>{XML_VERSION}</Version></XMLResponse>"
+            )
+            return web.Response(status=200, body=text.encode("utf-16"), content_type="application/xml")
         status = "running"  # a real CA sends nothing before it runs (the silent accept period)
         if self.s.status_format == "xml":
             body = (

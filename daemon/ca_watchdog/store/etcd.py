@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import re
 import ssl
 import time
 import uuid
@@ -35,6 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..config import EtcdSettings, read_secret
 from .base import (
@@ -103,6 +105,9 @@ class _NotFound(Exception):
     """etcd said NOT_FOUND (an unknown lease): an answer, not an outage."""
 
 
+_INT64 = re.compile(r"-?[0-9]{1,19}")
+
+
 def b64(data: str | bytes) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode("ascii")
 
@@ -123,11 +128,12 @@ def prefix_end(prefix: bytes) -> bytes:
 
 
 def _i(v: Any) -> int:
-    """An int64 from the gateway (a string; missing means 0)."""
-    try:
+    """An int64 from the gateway (a string of ASCII digits; missing means 0)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str) and _INT64.fullmatch(v):
         return int(v)
-    except (TypeError, ValueError):
-        return 0
+    return 0
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,12 @@ class EtcdStore(Store):
             raise StoreUnavailable(f"etcd: no answer within {self.timeout:g} s") from None
         except (aiohttp.ClientError, OSError, _NotFound) as exc:
             raise StoreUnavailable(f"etcd: {exc}") from exc
+        except RecordError:
+            raise
+        except (ValueError, TypeError, AttributeError, LookupError, OverflowError, RecursionError) as exc:
+            # an answer of the wrong shape (a list for an object, bad base64, Infinity for an int64):
+            # the gateway is a network peer, and nothing is known from such an answer
+            raise StoreUnavailable(f"etcd: bad answer: {type(exc).__name__}: {str(exc)[:100]}") from exc
         finally:
             _DEADLINE.reset(token)
 
@@ -230,8 +242,8 @@ class EtcdStore(Store):
                 data = json.loads(raw)
                 if not isinstance(data, dict):
                     raise ValueError("not an object")
-            except ValueError:
-                errors.append(f"{ep}: HTTP {status}, not JSON: {raw[:100]!r}")
+            except (ValueError, RecursionError):
+                errors.append(f"{ep}: HTTP {status}, bad answer: not a JSON object: {raw[:100]!r}")
                 i += 1
                 continue
             if status == 200:
@@ -825,8 +837,9 @@ class EtcdStore(Store):
                     except TimeoutError:
                         pass
                     return
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                errors.append(f"{ep}: {type(exc).__name__} {exc}".rstrip())
+            except (aiohttp.ClientError, HttpProcessingError, TimeoutError, OSError) as exc:
+                # HttpProcessingError: a watch line longer than aiohttp reads (LineTooLong)
+                errors.append(f"{ep}: {type(exc).__name__} {str(exc)[:200]}".rstrip())
         raise StoreUnavailable("etcd: watch failed: " + "; ".join(errors))
 
     @staticmethod
@@ -838,12 +851,14 @@ class EtcdStore(Store):
                 raise aiohttp.ClientPayloadError("watch stream closed")
             try:
                 msg = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
+                continue
+            if not isinstance(msg, dict):
                 continue
             if "error" in msg:
-                raise aiohttp.ClientPayloadError(f"watch: {msg['error']}")
-            result = msg.get("result", {})
-            if result.get("events") or result.get("canceled"):
+                raise aiohttp.ClientPayloadError(f"watch: {str(msg['error'])[:200]}")
+            result = msg.get("result")
+            if isinstance(result, dict) and (result.get("events") or result.get("canceled")):
                 return
 
     async def close(self) -> None:
