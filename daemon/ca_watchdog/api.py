@@ -8,7 +8,7 @@ observed (a key just taken or released shows at once).
 Anything that changes state needs TLS with a client certificate that chains to `api.client_ca_file`,
 carries the clientAuth extended key usage, is not revoked by `api.crl_file` (when set) and is
 allow-listed: `api.operators` may call everything, `api.peers` only `/failsafe`. A POST must say
-`Content-Type: application/json` (else 415) and carry no foreign `Origin` (else 403), so a browser
+`Content-Type: application/json` and carry no foreign `Origin` (else 403), so a browser
 cannot be made to send one.
 
 Hostile clients: at most `api.max_connections` connections (a new one evicts the oldest that has no
@@ -327,9 +327,10 @@ async def _middleware(
 def _same_origin_json(request: web.Request) -> None:
     """A browser can send a "simple" cross-site POST (text/plain, form) with the user's client
     certificate; it cannot send application/json to another origin without a CORS preflight,
-    which this API never grants. So: JSON only (415 otherwise), no foreign Origin (403)."""
+    which this API never grants. So: JSON only and no foreign Origin; anything else is refused as a possible
+    cross-site request (403, like an unlisted certificate: the caller is not allowed to change anything)."""
     if request.content_type != "application/json":
-        raise web.HTTPUnsupportedMediaType(text="state-changing calls need Content-Type: application/json\n")
+        raise web.HTTPForbidden(text="refused: state-changing calls need Content-Type: application/json\n")
     origin = request.headers.get("Origin")
     if origin is not None and origin != f"{request.scheme}://{request.host}":
         raise web.HTTPForbidden(text=f"cross-origin request from {origin[:100]!r} refused\n")

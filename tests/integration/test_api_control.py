@@ -381,13 +381,13 @@ def test_finding5_a_listed_operator_certificate_revoked_by_the_crl_is_refused(la
     _unchanged(lab, before)
 
 
-def test_finding6_a_text_plain_post_is_refused_with_415(lab: Lab) -> None:
+def test_finding6_a_text_plain_post_is_refused_with_403(lab: Lab) -> None:
     before = lab.store_history()
     for action in CONTROL:
         status, body = lab.call(
             "ca1", f"/{action}", "POST", client="agent", raw=b'{"to": "ca2"}', headers={"Content-Type": "text/plain"}
         )
-        assert status == 415 and b"application/json" in body, (action, status, body)
+        assert status == 403 and b"application/json" in body, (action, status, body)
     _unchanged(lab, before)
 
 
