@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -20,8 +21,9 @@ from .store.base import Store, StoreUnavailable
 T = TypeVar("T")
 
 
-def _with_store(args: argparse.Namespace, work: Callable[[Settings, Store], Awaitable[T]]) -> T:
-    settings = load_settings(args.config)
+def with_store(config: str | os.PathLike[str], work: Callable[[Settings, Store], Awaitable[T]]) -> T:
+    """Run `work` with the settings of `config` and its store, opened for the call and closed after."""
+    settings = load_settings(config)
 
     async def main() -> T:
         store = open_store(settings.store, [m.name for m in settings.members], settings.timing.store_timeout)
@@ -147,7 +149,7 @@ def _fail(exc: Exception) -> int:
 
 def cli_status(args: argparse.Namespace) -> int:
     try:
-        st = _with_store(args, cluster_status)
+        st = with_store(args.config, cluster_status)
     except StoreUnavailable as exc:
         return _fail(exc)
     print(json.dumps(st, indent=2) if args.json else format_status(st))
@@ -195,7 +197,7 @@ def _request(args: argparse.Namespace, kind: str) -> int:
         return await request_switchover(settings, store, args.to, kind, _who())
 
     try:
-        print(_with_store(args, work))
+        print(with_store(args.config, work))
     except StoreUnavailable as exc:
         return _fail(exc)
     return 0
@@ -214,7 +216,7 @@ def _flag(args: argparse.Namespace, what: str) -> int:
         return await set_flag(store, what, _who())
 
     try:
-        print(_with_store(args, work))
+        print(with_store(args.config, work))
     except StoreUnavailable as exc:
         return _fail(exc)
     return 0
@@ -237,7 +239,7 @@ def cli_history(args: argparse.Namespace) -> int:
         return [{"seq": e.seq, "at": e.at, **e.event} for e in await store.get_history(200)]
 
     try:
-        events = _with_store(args, work)
+        events = with_store(args.config, work)
     except StoreUnavailable as exc:
         return _fail(exc)
     if args.json:
@@ -285,7 +287,7 @@ def cli_bootstrap(args: argparse.Namespace) -> int:
         )
 
     try:
-        print(_with_store(args, work))
+        print(with_store(args.config, work))
     except StoreUnavailable as exc:
         return _fail(exc)
     return 0

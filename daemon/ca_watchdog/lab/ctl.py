@@ -29,9 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import load_settings
-from ..control import cluster_status
-from ..store import open_store
+from ..control import cluster_status, with_store
 from . import service
 from .cluster import LabCluster, pids_naming, wait_until
 from .dslab import DSCREATE, NS_SLAPD, DSLab, DSLabError
@@ -162,16 +160,7 @@ class Lab:
     # ---- the cluster as a whole ---------------------------------------------------------------------
 
     def store_status(self) -> dict[str, Any]:
-        settings = load_settings(self.config)
-
-        async def go() -> dict[str, Any]:
-            store = open_store(settings.store, [m.name for m in settings.members], settings.timing.store_timeout)
-            try:
-                return await cluster_status(settings, store)
-            finally:
-                await store.close()
-
-        return asyncio.run(go())
+        return with_store(self.config, cluster_status)
 
     def master(self) -> str | None:
         """The master once the lab has converged: exactly one CA serves as master, every other as a
