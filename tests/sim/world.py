@@ -5,7 +5,8 @@ What is real: `Watchdog` (loop.py) with its Observer, view builder, decide(), Ac
 real files), and the guard (guard.py), which runs before every CA start as the unit's ExecStartPre does.
 What is simulated, all driven by one seed: the clock (an event loop whose selector advances virtual time
 instead of waiting), the store (linearizable, in memory, with per-member partitions, stalls and lost
-answers), the CA processes (start delay, failed starts, crashes, freezes), the network between
+answers), the CA processes (start delay, failed starts, crashes, freezes, hung stops, their 389-DS
+dying: getStatus running, the database read 500, getInfo empty), the network between
 members (probe partitions), wall-clock skew per host, daemon crashes at any store, service or probe
 await point (the task then never runs another line, as with SIGKILL) and their restart, host reboots, and
 operator commands (pause, resume, switchover, failover, ack).
@@ -206,6 +207,7 @@ class Host:
     generation: int = 0  # bumped at every daemon death: I/O of an older generation never returns
     store_cut: bool = False  # partitioned from the store
     cut_from: set[str] = field(default_factory=set)  # members whose CAs it cannot reach
+    ds_down: bool = False  # its CA's own 389-DS is down (getStatus running, no database, empty getInfo)
     unleased_since: float | None = None
 
 
@@ -222,7 +224,8 @@ class World:
         self.hosts: dict[str, Host] = {}
         self.violations: list[str] = []
         self.faults_on = True
-        self.crls: list[tuple[float, str]] = []
+        # 389-DS deaths draw from their own stream: a history they do not touch stays what it was
+        self.ds_rng = random.Random(f"389-ds {seed}")
         self.cooldown = self.rng.choice((0.0, 0.0, 30.0))
         # in some histories the daemon's own starts skip the guard: its own lease check must suffice
         self.guard_on_daemon_starts = self.rng.random() < 0.7
@@ -395,6 +398,14 @@ class World:
         ca.fails = self.faults_on and self.rng.random() < 0.05
         self.note(f"{name}: CA starting as {role} ({delay:.1f}s{', will fail' if ca.fails else ''})")
         self._ca_up_at(name, self.clock.now + delay, self.clock.now + delay / 2)
+        p_ds = P_DS_DIES_IN_MASTER_START if role == "master" else P_DS_DIES_IN_START
+        if self.faults_on and self.ds_rng.random() < p_ds:
+            # the JVM's memory peaks as its CA engine comes up (likelier for a master: it also builds the CRL cache and
+            # runs the certificate-status task), and the OOM killer takes the host's 389-DS: just before
+            # the engine is up (it then fails for good) or just after (running, but every database read
+            # and getInfo fails), when a promotion's checks fail while the CA may serve as master
+            at = max(0.0, delay + self.ds_rng.uniform(-0.5, 0.3))
+            asyncio.get_running_loop().call_later(at, ds_dies, self, name)
 
     def _ca_up_at(self, name: str, at: float, accept_at: float) -> None:
         ca = self.hosts[name].ca
@@ -402,10 +413,12 @@ class World:
         asyncio.get_running_loop().call_at(at, self._ca_up, name, at)
 
     def _ca_up(self, name: str, expected: float) -> None:
-        ca = self.hosts[name].ca
+        h = self.hosts[name]
+        ca = h.ca
         if ca.state != "starting" or ca.running_at != expected:
             return
-        ca.state = "failed" if ca.fails else "running"
+        # a CA engine that starts while its 389-DS is down fails for good (404 until the next restart)
+        ca.state = "failed" if ca.fails or h.ds_down else "running"
         self.note(f"{name}: CA {ca.state} ({ca.loaded_role})")
         self.safe_check(f"{name} CA up")
 
@@ -428,6 +441,8 @@ class World:
             await asyncio.sleep(self.rng.uniform(0.5, 6.0))
             fault = self.rng.choice(FAULTS)
             fault(self)
+            if self.ds_rng.random() < P_DS_DIES:
+                ds_dies(self, self.ds_rng.choice(self.names))
             self.safe_check(f"after {fault.__name__}")
         await self.heal()
 
@@ -438,6 +453,7 @@ class World:
         for n, h in self.hosts.items():
             h.store_cut = False
             h.cut_from.clear()
+            h.ds_down = False
             if h.ca.frozen:
                 h.ca.frozen = False
             if h.ca.state == "starting" and h.ca.running_at > self.clock.now + MAX_START:
@@ -525,6 +541,27 @@ async def _boot_ca(w: World, n: str) -> None:
         w.note(f"{n}: CA not started at boot: {exc}")
     finally:
         HOST.reset(token)
+
+
+P_DS_DIES = 0.05  # per fault drawn: some member's 389-DS dies as well
+P_DS_DIES_IN_START = 0.03  # per CA start as clone: its 389-DS dies as the CA engine comes up
+P_DS_DIES_IN_MASTER_START = 0.3  # per CA start as master
+
+
+def ds_dies(w: World, n: str) -> None:
+    h = w.hosts[n]
+    if not w.faults_on or h.ds_down:
+        return
+    h.ds_down = True
+    seconds = w.ds_rng.uniform(2, 20)
+    w.note(f"FAULT {n}'s 389-DS dies for {seconds:.1f}s (CA {h.ca.state})")
+    asyncio.get_running_loop().call_later(seconds, _ds_back, w, n)
+
+
+def _ds_back(w: World, n: str) -> None:
+    if w.hosts[n].ds_down:
+        w.hosts[n].ds_down = False
+        w.note(f"{n}'s 389-DS is back")
 
 
 def cut_store(w: World) -> None:
@@ -705,6 +742,7 @@ class SimProbe:
             await asyncio.sleep(self.timeout)
             return AgentStatus("down", REASON_NO_ANSWER, None, None, None, self.timeout)
         if ca.state == "running":
+            # a running CA whose 389-DS is down still says running (seen on the real Dogtag 10.10)
             return AgentStatus("running", None, 200, "10.10.2", "1", 0.01)
         if ca.state == "starting" and now >= ca.accept_at:
             await asyncio.sleep(self.timeout)
@@ -713,12 +751,20 @@ class SimProbe:
             return AgentStatus("down", "HTTP 404", 404, None, None, 0.01)
         return AgentStatus("down", REASON_REFUSED, None, None, None, 0.001)
 
-    serving = status
+    async def serving(self, url: str) -> AgentStatus:
+        """getStatus, then the database read, which a CA with its 389-DS down answers with a 500."""
+        st = await self.status(url)
+        if st.status == "running" and self.w.hosts[self._target(url)].ds_down:
+            reason = "getStatus running, but the CA cannot serve: /ca/rest/certs HTTP 500: LDAP server down"
+            return AgentStatus("down", reason, 500, st.version, st.state, 0.02)
+        return st
 
     async def info(self, url: str) -> AgentInfo:
         st = await self.status(url)
         if st.status != "running":
             return AgentInfo(None, None, ok=False, error=st.reason)
+        if self.w.hosts[self._target(url)].ds_down:
+            return AgentInfo(None, None, ok=False, error="bad answer: empty body")  # 10.10 with its DS down
         if self.w.faults_on and self.w.rng.random() < 0.03:
             # a loaded CA that just started: getInfo times out once (seen on the real Dogtag bed)
             await asyncio.sleep(self.timeout)
