@@ -12,4 +12,4 @@ bash beds/dogtag/bed.sh build
 bash beds/systemd/bed.sh build
 # here every program is installed and every bed built: a test that would skip fails instead
 export CAWD_NO_SKIPS=1
-exec .venv/bin/python -m pytest -ra "$@"
+exec .venv/bin/python -m pytest -ra --durations=25 "$@"
