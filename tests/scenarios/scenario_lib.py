@@ -94,9 +94,16 @@ class Scenario:
         out = self.cli(self.c.names[-1], "history", "--json")
         return list(json.loads(out.stdout))
 
+    def crl_log(self) -> list[tuple[str, str, int]]:
+        """The CRL writes since this scenario's cluster started. The directories outlive one scenario, so
+        the cut is to the millisecond the write stamps carry: the previous scenario's master may have
+        written within the same second."""
+        ms = int(self.started_at * 1000)
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+        return [e for e in crl_write_log(self.ds, self.ds.names) if e[0] >= stamp]
+
     def crl_problems(self) -> list[str]:
-        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(self.started_at))
-        log = [e for e in crl_write_log(self.ds, self.ds.names) if e[0] >= stamp]
+        log = self.crl_log()
         if self._unreplicated is not None:
             killed, until, survivors = self._unreplicated
             log = [e for e in log if not (e[1] == killed and e[0] <= until and e not in survivors)]
@@ -112,9 +119,8 @@ class Scenario:
         self._unreplicated = (killed, time.strftime("%Y%m%d%H%M%S.999Z", time.gmtime(killed_at)), survivors)
 
     def crl_writers(self) -> list[str]:
-        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(self.started_at))
         order: list[str] = []
-        for _, w, _ in (e for e in crl_write_log(self.ds, self.ds.names) if e[0] >= stamp):
+        for _, w, _ in self.crl_log():
             if not order or order[-1] != w:
                 order.append(w)
         return order
