@@ -42,8 +42,8 @@ class Scenario:
         self.ds = ds
         self.started_at = started_at
         self.checker: InvariantChecker | None = None
-        # (killed member, kill stamp, CRL writes its survivors held): see `forget_unreplicated`
-        self._unreplicated: tuple[str, str, set[tuple[str, str, int]]] | None = None
+        # per directory kill, (killed member, kill stamp, CRL writes its survivors held): see `forget_unreplicated`
+        self._unreplicated: list[tuple[str, str, set[tuple[str, str, int]]]] = []
 
     def serving(self) -> dict[str, str]:
         return asyncio.run(self.c.serving())
@@ -104,19 +104,19 @@ class Scenario:
 
     def crl_problems(self) -> list[str]:
         log = self.crl_log()
-        if self._unreplicated is not None:
-            killed, until, survivors = self._unreplicated
+        for killed, until, survivors in self._unreplicated:
             log = [e for e in log if not (e[1] == killed and e[0] <= until and e not in survivors)]
         return crl_violations(log)
 
     def forget_unreplicated(self, killed: str, killed_at: float) -> None:
-        """Call while `killed`'s directory is dead and another CA has written CRLs. A write `killed`'s CA
-        made up to the kill that no surviving server holds now never left the dead directory (389-DS
-        replicates asynchronously): no software above the directory could see it, and a new master
-        reusing its number is the directory's lost write, not a split brain. Such writes reappear when
-        the dead server returns and replicates; the CRL checks leave them out."""
+        """Call while `killed`'s directory is still dead (before it is started again), once per kill. A
+        write `killed`'s CA made up to the kill that no surviving server holds now never left the dead
+        directory (389-DS replicates asynchronously): no software above the directory could see it, and a
+        new master reusing its number is the directory's lost write, not a split brain. Such writes
+        reappear when the dead server returns and replicates; the CRL checks leave them out."""
         survivors = set(crl_write_log(self.ds, [n for n in self.ds.names if n != killed]))
-        self._unreplicated = (killed, time.strftime("%Y%m%d%H%M%S.999Z", time.gmtime(killed_at)), survivors)
+        until = time.strftime("%Y%m%d%H%M%S.999Z", time.gmtime(killed_at))
+        self._unreplicated.append((killed, until, survivors))
 
     def crl_writers(self) -> list[str]:
         order: list[str] = []

@@ -57,7 +57,11 @@ class Faults:
 
     def kill_master_ds(self, m: str) -> str:
         self.ds.kill(m)
+        killed_at = time.time()
         d = self._hold(2, 15)
+        # the master's last CRL write may not have left its directory; a clone promoted meanwhile reuses
+        # its number: the directory's lost write, not a split brain (see Scenario.forget_unreplicated)
+        self.sc.forget_unreplicated(m, killed_at)
         self.ds.start(m)
         return f"SIGKILL {m}'s 389-DS, restarted after {d}s"
 
@@ -65,7 +69,9 @@ class Faults:
         self.c.kill_daemon(m)
         self.c.kill_ca(m)
         self.ds.kill(m)
+        killed_at = time.time()
         d = self._hold(4, 22)
+        self.sc.forget_unreplicated(m, killed_at)  # as in kill_master_ds
         self.ds.start(m)
         self.c.start_ca(m)  # through the guard, as at boot
         self.c.start_daemon(m)
