@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from ca_watchdog import cscfg
+from ca_watchdog import cscfg, lease_file
 from ca_watchdog.config import TimingSettings
 from ca_watchdog.lab.cluster import LAB_TIMING, LabCluster
 from ca_watchdog.lab.etcdlab import ETCD_BINARY, EtcdLab
@@ -144,6 +144,26 @@ def _log_lines(path: Path) -> list[tuple[float, str]]:
     return out
 
 
+def _last_renewal(path: str, seconds: float) -> float | None:
+    """When the daemon sent its last successful lease renewal (wall time), read from its lease hand-off file
+    for `seconds` (the latest proof seen counts; lease_file.py rewrites it after every successful renewal with
+    the renewal's CLOCK_MONOTONIC send time and removes it at the self-fence).
+
+    The lease cannot end before that send time + ttl (etcd restarts the TTL when it receives the keep-alive).
+    The cycle's "renew:" decision line is no measure of it: the renewals run on their own 1 s timer, so the
+    last such line before the cut may follow the last renewal by up to a second."""
+    offset = time.time() - time.monotonic()  # CLOCK_MONOTONIC is shared by every process of this boot
+    latest: float | None = None
+    end = time.monotonic() + seconds
+    while True:
+        proof = lease_file.read(path, "ca1")
+        if proof is not None and (latest is None or proof.renewed > latest):
+            latest = proof.renewed
+        if time.monotonic() >= end:
+            return None if latest is None else latest + offset
+        time.sleep(0.05)
+
+
 def _wait(what: Callable[[], bool], timeout: float, why: str, debug: Callable[[], str]) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -164,7 +184,7 @@ class Run:
     store_timeout: float
     cycle_budget: float = 0.0  # TimingSettings.cycle_budget: the self-fence comes this much early
     new: str = ""
-    renewed: float = 0.0  # ca1's last lease renewal before the cut (its daemon log line)
+    renewed: float = 0.0  # when ca1's daemon sent the last lease renewal that succeeded (its lease hand-off file)
     cut_at: float = 0.0
     fence_decided: float = 0.0
     fence_reason: str = ""
@@ -294,8 +314,16 @@ def partition_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
             assert serving() == healthy
 
             # ---- the partition ---------------------------------------------------------------------
+            lease_path = c.settings("ca1").node.lease_file
+            before_cut = _last_renewal(lease_path, 0.0)
             net.cut()
             run.cut_at = time.time()
+            # no renewal can succeed after the cut, and the file stays until the self-fence (2.5 s or more
+            # after the last renewal): a second of reads sees the last one published before the cut
+            after_cut = _last_renewal(lease_path, 1.0)
+            renewals = [t for t in (before_cut, after_cut) if t is not None]
+            assert renewals, f"ca1's daemon published no lease renewal\n{debug()}"
+            run.renewed = max(renewals)
             # ca1 from its own side: its CA stops, its CS.cfg becomes a clone's (self-fence)
             _wait(lambda: side_a.last().get("ca1") != "master", 3 * run.ttl, "ca1's CA no longer serving", debug)
             _wait(lambda: c.roles()["ca1"] == "clone", 3 * run.ttl, "ca1's CS.cfg demoted", debug)
@@ -359,10 +387,8 @@ def partition_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     run.ca1_down = min(s["t1"] for s in ca1_stopped)
     run.new_first_master = min(s["t0"] for s in new_master_samples)
 
+    assert run.renewed <= run.cut_at, run.debug
     log = _log_lines(c.nodes["ca1"].daemon_log)
-    renewals = [t for t, msg in log if msg.startswith("renew: ") and "(store:" not in msg and t <= run.cut_at]
-    assert renewals, run.debug
-    run.renewed = renewals[-1]  # the log line follows the store's answer
     fences = [(t, msg) for t, msg in log if msg.startswith("self_fence: ") and t > run.cut_at]
     assert fences, f"ca1's daemon never decided to self-fence\n{run.debug}"
     run.fence_decided, run.fence_reason = fences[0]
@@ -390,7 +416,8 @@ def test_partitioned_master_host_self_fences_before_a_clone_promotes(partition_r
     assert r.fence_decided - r.renewed >= fence_at - 0.1, f"self-fenced before {fence_at:g}s" + why
     # its CA stopped before its lease could end; a clone took the key only after it ended, after the stop
     assert r.ca1_down < r.renewed + r.ttl, "ca1's CA still served as master after its lease ended" + why
-    assert r.acquired_at >= r.renewed + r.ttl - 0.5, "the key was taken while ca1's lease still ran" + why
+    # (0.1 s: timestamp rounding; the renewal is the daemon's own send time, so the lease ends no earlier)
+    assert r.acquired_at >= r.renewed + r.ttl - 0.1, "the key was taken while ca1's lease still ran" + why
     assert r.ca1_down < r.acquired_at < r.new_first_master, why
     promoted = [(e["name"], e.get("old_master")) for e in r.events if e.get("type") == "promoted"]
     assert promoted == [(r.new, "ca1")], r.events
