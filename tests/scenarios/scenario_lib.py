@@ -20,6 +20,14 @@ from ca_watchdog.lab.cluster import LabCluster
 from ca_watchdog.lab.dslab import DSLab
 from ca_watchdog.lab.invariants import InvariantChecker, crl_violations, crl_write_log
 
+# How long the tests' own look at a CA (getStatus, then getInfo, each on a fresh TLS connection) may take: the
+# daemons' shipped agent_timeout, not the lab's 1 s. Many asserts take one look (`serving() == {...}`, 20 looks
+# at a master whose getStatus takes 0.6 s), and this 2-core CI machine, loaded by the other suites, holds
+# threads for up to 0.7 s now and then (tests/real/dogtag_cluster.py, STALL): a look that waited that long
+# must not fail a test as "down". A longer wait never turns a clone into a master; the invariant checker
+# keeps its own 1 s samples.
+SERVING_TIMEOUT = 3.0
+
 
 class ShippedFile:
     """A shipped example file (examples/...) adapted to the lab: each substitution must match exactly as
@@ -46,7 +54,7 @@ class Scenario:
         self._unreplicated: list[tuple[str, str, set[tuple[str, str, int]]]] = []
 
     def serving(self) -> dict[str, str]:
-        return asyncio.run(self.c.serving())
+        return asyncio.run(self.c.serving(timeout=SERVING_TIMEOUT))
 
     def wait(self, what: Callable[[], bool], timeout: float, why: str) -> float:
         t0 = time.monotonic()
