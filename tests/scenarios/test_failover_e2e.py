@@ -95,8 +95,14 @@ def test_old_master_returns_with_its_master_cscfg_and_the_guard_starts_it_as_a_c
     new = scenario.leader()
     assert new is not None
     scenario.wait_master(new, 40)
-    # the old host comes back with its stale "I am master" CS.cfg; its CA starts through the guard
-    c.nodes["ca1"].cs_cfg.write_bytes(master_cfg)
+    # the old host comes back with its stale "I am master" CS.cfg; its CA starts through the guard. Put back
+    # whole (renamed over it): the invariant checker reads it every 0.2 s, and a half-written file is a lost
+    # CS.cfg line to it
+    cs_cfg = c.nodes["ca1"].cs_cfg
+    stale = cs_cfg.with_name("CS.cfg.stale")
+    stale.write_bytes(master_cfg)
+    stale.chmod(cs_cfg.stat().st_mode & 0o7777)
+    stale.replace(cs_cfg)
     assert c.roles()["ca1"] == "master"
     c.start_ca("ca1")
     cfg = cscfg.read_cscfg(c.nodes["ca1"].cs_cfg)
