@@ -241,7 +241,16 @@ def read_cscfg(path: str | os.PathLike[str], max_bytes: int = MAX_CSCFG_BYTES) -
     p = str(path)
     dfd = _open_dir(p, os.path.dirname(p) or ".")
     try:
-        fd, _st = _open_cscfg(p, dfd, os.path.basename(p))
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                fd, _st = _open_cscfg(p, dfd, os.path.basename(p))
+                break
+            except _RenamedOver:
+                # the daemon, the guard and the CA's start put CS.cfg in place by renaming a whole file over
+                # it: read the new one (a rename storm that outlasts every attempt is still refused)
+                if attempt == _OPEN_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.001)
         try:
             data = _read_capped(p, fd, max_bytes)
         finally:
@@ -257,8 +266,15 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_LINK_HOPS = 40
 
 
+_OPEN_ATTEMPTS = 5
+
+
 def _refused(path: str, what: str) -> CSCfgError:
     return CSCfgError(path, None, f"refused: {what}")
+
+
+class _RenamedOver(CSCfgError):
+    """CS.cfg was renamed over between the check and the open, or between the open and its fstat."""
 
 
 def _open_dir(path: str, directory: str) -> int:
@@ -321,6 +337,8 @@ def _open_cscfg(path: str, dfd: int, name: str) -> tuple[int, os.stat_result]:
         lst = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except OSError as exc:
         raise CSCfgError(path, None, f"cannot read: {exc.strerror or exc}") from None
+    if lst.st_nlink == 0:  # the name's old inode, renamed over while it was looked up
+        raise _RenamedOver(path, None, "refused: CS.cfg was replaced while it was being opened")
     _check_file(path, lst)
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dfd)
@@ -330,9 +348,9 @@ def _open_cscfg(path: str, dfd: int, name: str) -> tuple[int, os.stat_result]:
         raise CSCfgError(path, None, f"cannot read: {exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino) or st.st_nlink == 0:
+            raise _RenamedOver(path, None, "refused: CS.cfg was replaced while it was being opened")
         _check_file(path, st)
-        if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
-            raise _refused(path, "CS.cfg was replaced while it was being opened")
     except BaseException:
         os.close(fd)
         raise

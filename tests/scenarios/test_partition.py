@@ -38,7 +38,7 @@ import pytest
 
 from ca_watchdog import cscfg, lease_file
 from ca_watchdog.config import TimingSettings
-from ca_watchdog.lab.cluster import LAB_TIMING, LabCluster, read_cscfg_whole
+from ca_watchdog.lab.cluster import LAB_TIMING, LabCluster
 from ca_watchdog.lab.etcdlab import ETCD_BINARY, EtcdLab
 from ca_watchdog.lab.service import alive
 
@@ -350,7 +350,7 @@ def partition_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
             def ca1_follows() -> bool:
                 if side_a.last().get("ca1") != "clone":
                     return False
-                report = cscfg.classify(read_cscfg_whole(c.nodes["ca1"].cs_cfg))  # its daemon may be rewriting it
+                report = cscfg.classify(cscfg.read_cscfg(c.nodes["ca1"].cs_cfg))
                 return f"{report.master_agent_host}:{report.master_agent_port}" == target
 
             _wait(ca1_follows, 6 * run.ttl, f"ca1 serving again as a clone of {new} ({target})", debug)

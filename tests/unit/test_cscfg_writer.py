@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -335,3 +336,49 @@ def test_owner_group_and_mode_are_kept_by_a_root_writer_without_cap_fowner(insta
     for path in (instance, Path(p.stdout.strip())):
         st = path.stat()
         assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 1234, 0o640), path
+
+
+def test_a_read_that_crosses_a_whole_file_renamed_over_cscfg_reads_the_new_file_not_an_error(instance: Path) -> None:
+    """The daemon, the guard and the CA's start all put a new CS.cfg in place by renaming a whole file over
+    it. A read that crosses such a rename (between its check and its open, or between its open and its
+    fstat) saw a file "replaced while it was being opened" or with "0 hard links": a CS.cfg unreadable for
+    one cycle, which a key holder whose CA is down acts on. It must read again and get one whole file, here
+    with 2,000 renames a second, far more than any real rewrite."""
+    master = instance.read_bytes()
+    clone = demote(read_cscfg(instance), "ca2.example.com", 8443).render()
+    renamer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time\n"
+            "cs, a, b = sys.argv[1:]\n"
+            "data = [open(a, 'rb').read(), open(b, 'rb').read()]\n"
+            "i = 0\n"
+            "while True:\n"
+            "    with open(cs + '.tmp', 'wb') as f: f.write(data[i % 2])\n"
+            "    os.replace(cs + '.tmp', cs)\n"
+            "    i += 1\n"
+            "    time.sleep(0.0005)\n",
+            str(instance),
+            str(FIXTURE),
+            str(_write(instance.parent / "clone.sample", clone)),
+        ]
+    )
+    seen: set[bytes] = set()
+    errors: list[str] = []
+    try:
+        for _ in range(4000):
+            try:
+                seen.add(read_cscfg(instance).render())
+            except cscfg.CSCfgError as exc:
+                errors.append(exc.message)
+    finally:
+        renamer.kill()
+        renamer.wait()
+    assert errors == [], f"{len(errors)} of 4000 reads refused, e.g. {errors[:3]}"
+    assert seen <= {master, clone} and len(seen) == 2, "a read returned something other than one whole file"
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path

@@ -53,26 +53,6 @@ def wait_until(what: Callable[[], bool], timeout: float, step: float = 0.2) -> b
     return what()
 
 
-# what cscfg.read_cscfg refuses when the file is renamed over while it reads: between its check and its open
-# (another inode), or between its open and its fstat (the inode it opened has no name left)
-_RENAMED_OVER = ("CS.cfg was replaced while it was being opened", "CS.cfg has 0 hard links")
-
-
-def read_cscfg_whole(path: str | os.PathLike[str]) -> cscfg.CSCfg:
-    """`cscfg.read_cscfg` for the lab's onlookers (tests, the invariant checker), read again when the file was
-    renamed over while it read: the daemon, the guard and the CA rewrite CS.cfg by renaming a whole new file
-    over it, and a look that crossed such a rename saw no unreadable CS.cfg. Every other refusal or parse
-    error still raises."""
-    for _ in range(4):
-        try:
-            return cscfg.read_cscfg(path)
-        except cscfg.CSCfgError as exc:
-            if not any(what in exc.message for what in _RENAMED_OVER):
-                raise
-        time.sleep(0.01)
-    return cscfg.read_cscfg(path)
-
-
 def _ancestry() -> set[int]:
     """This process and its ancestors (a `sudo ca-watchdog lab down --dir D/` names D/ too)."""
     pids, pid = set(), os.getpid()
@@ -445,7 +425,7 @@ class LabCluster:
         out = {}
         for n, node in self.nodes.items():
             try:
-                out[n] = cscfg.classify(read_cscfg_whole(node.cs_cfg)).role.value
+                out[n] = cscfg.classify(cscfg.read_cscfg(node.cs_cfg)).role.value
             except cscfg.CSCfgError:
                 out[n] = "unreadable"
         return out

@@ -22,7 +22,6 @@ import aiohttp
 
 from .. import cscfg
 from ..probes.agent import INFO_PATH, parse_info_body, parse_status_body
-from .cluster import read_cscfg_whole
 
 if TYPE_CHECKING:
     from .cluster import LabCluster
@@ -52,7 +51,7 @@ class InvariantChecker:
     def start(self) -> InvariantChecker:
         for n, node in self.cluster.nodes.items():
             if n not in self.expect_unreadable:
-                self._baseline[n] = cscfg.unrelated_items(read_cscfg_whole(node.cs_cfg))
+                self._baseline[n] = cscfg.unrelated_items(cscfg.read_cscfg(node.cs_cfg))
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="invariants", daemon=True)
         self._thread.start()
         return self
@@ -107,7 +106,7 @@ class InvariantChecker:
         roles: dict[str, str] = {}
         for n in names:
             try:
-                cfg = read_cscfg_whole(self.cluster.nodes[n].cs_cfg)
+                cfg = cscfg.read_cscfg(self.cluster.nodes[n].cs_cfg)
             except cscfg.CSCfgError as exc:
                 roles[n] = "unreadable"
                 if n not in self.expect_unreadable:
