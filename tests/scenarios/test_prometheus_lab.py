@@ -36,7 +36,7 @@ from scenario_lib import Scenario, ShippedFile
 
 from ca_watchdog.lab.cluster import LabCluster, wait_until
 from ca_watchdog.lab.etcdlab import free_ports
-from ca_watchdog.probes.agent import AgentProbe
+from ca_watchdog.probes.agent import REASON_NO_ANSWER, AgentProbe
 
 pytestmark = pytest.mark.lab
 
@@ -138,8 +138,9 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 class FirstMaster(threading.Thread):
     """When a client first sees each member's CA answer as master (getStatus running, getInfo without
-    master_host), polling every 0.1 s, and when it last asked and was not served by it as master (the
-    start of that poll: a poll of a starting CA may wait out its timeouts, so its end says little)."""
+    master_host), polling every 0.1 s, and when it last asked and was answered otherwise (the start of
+    that poll: a poll of a starting CA may take long, so its end says little). A poll that timed out is no
+    answer: on the loaded CI machine a CA already serving as master made this client wait out its 1 s."""
 
     def __init__(self, c: LabCluster) -> None:
         super().__init__(daemon=True)
@@ -158,8 +159,13 @@ class FirstMaster(threading.Thread):
             async def one(name: str) -> None:
                 url = self.c.nodes[name].agent_url
                 asked = time.time()
-                if (await probe.status(url)).status == "running":
+                status = await probe.status(url)
+                if status.reason == REASON_NO_ANSWER:
+                    return
+                if status.status == "running":
                     info = await probe.info(url)
+                    if info.error == REASON_NO_ANSWER:
+                        return
                     if info.ok and not info.master_host:
                         self.first.setdefault(name, time.time())
                         return
