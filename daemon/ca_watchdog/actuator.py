@@ -89,8 +89,13 @@ class Actuator:
             restarted_in_incident=self.restarted_in_incident,
             leaderless_for=leaderless_for,
             unfinished_step=self.unfinished_step,
-            busy=self.busy if self.task is not None and not self.task.done() else None,
+            busy=self.acting,
         )
+
+    @property
+    def acting(self) -> str | None:
+        """The step of the long action running now (each one stops or starts the CA), if any."""
+        return self.busy if self.task is not None and not self.task.done() else None
 
     def fence_overdue(self) -> bool:
         """I hold (or may hold) the key and have not renewed it in time: fence before anything else."""

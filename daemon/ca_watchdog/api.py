@@ -95,12 +95,15 @@ def _status(ok: bool, text: str) -> web.Response:
 
 def serving_master(wd: Watchdog) -> bool:
     """This member serves as master now: it holds the leader key (renewed, not past its fence point),
-    its CS.cfg is master and its CA was running when last probed. What /master and the metric
+    no action is stopping or starting its CA (the last probe may predate the stop: a promotion writes
+    the master CS.cfg while the clone's last "running" is still the newest answer), its CS.cfg is
+    master and its CA was running when last probed. What /master and the metric
     ca_watchdog_serving_master say."""
     local = wd.last_local
     return (
         wd.actuator.lease_age() is not None
         and not wd.actuator.fence_overdue()
+        and wd.actuator.acting is None
         and local is not None
         and local.cscfg_role == "master"
         and local.ca_status == CA_RUNNING

@@ -8,6 +8,7 @@ real API app, the real Actuator's lease bookkeeping and the real metrics; no cyc
 
 from __future__ import annotations
 
+import asyncio
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -90,3 +91,21 @@ async def test_before_the_first_observation_nothing_is_serving(api: Any) -> None
     for path in ("/health", "/clone"):
         async with client.options(path) as r:
             assert r.status == 503
+
+
+async def test_while_a_promotion_stops_and_starts_the_ca_it_is_not_serving_whatever_the_last_probe_said(
+    api: Any,
+) -> None:
+    """A promotion stops the clone's CA, writes the master CS.cfg and starts the CA. A cycle between the
+    write and the next probe answer saw a master CS.cfg and the last answer "running", from the clone's
+    JVM before the stop: /master said 200 and the metric 1 while the CA was stopped or starting (the
+    Prometheus runbook saw the new master report 1 a second before a client could be served). Any long
+    action stops or starts the CA: until it ends, the last probe cannot say the CA serves."""
+    wd, client = api
+    wd.actuator.held_epoch, wd.actuator.last_renew = 4, time.monotonic()  # the key, taken for the promotion
+    done = asyncio.Event()
+    wd.actuator.busy, wd.actuator.task = "promote: starting", asyncio.create_task(done.wait())
+    assert await answers(client) == (503, 503, 503, 'ca_watchdog_serving_master{member="ca1"} 0.0')
+    done.set()
+    await wd.actuator.task  # the promotion verified the CA as master; the last observation says running
+    assert await answers(client) == (200, 200, 200, 'ca_watchdog_serving_master{member="ca1"} 1.0')
