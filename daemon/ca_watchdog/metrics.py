@@ -26,7 +26,8 @@ class Metrics:
         self.is_leader = Gauge("ca_watchdog_leader", "1 if this member holds the leader key", ["member"], registry=r)
         self.serving_master = Gauge(
             "ca_watchdog_serving_master",
-            "1 if this member serves as master now: key held, CS.cfg master, CA running, no action stopping or starting it (as it sees itself)",
+            "1 if this member serves as master now: key held, CS.cfg master, CA running, no action stopping or "
+            "starting it (as it sees itself)",
             ["member"],
             registry=r,
         )
