@@ -264,9 +264,7 @@ def read_cscfg(path: str | os.PathLike[str], max_bytes: int = MAX_CSCFG_BYTES) -
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_LINK_HOPS = 40
-
-
-_OPEN_ATTEMPTS = 5
+_OPEN_ATTEMPTS = 5  # opens of a CS.cfg renamed over meanwhile (see read_cscfg)
 
 
 def _refused(path: str, what: str) -> CSCfgError:
