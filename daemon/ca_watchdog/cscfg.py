@@ -274,6 +274,9 @@ def _refused(path: str, what: str) -> CSCfgError:
 class _RenamedOver(CSCfgError):
     """CS.cfg was renamed over between the check and the open, or between the open and its fstat."""
 
+    def __init__(self, path: str) -> None:
+        super().__init__(path, None, "refused: CS.cfg was replaced while it was being opened")
+
 
 def _open_dir(path: str, directory: str) -> int:
     """Open the directory that holds CS.cfg, walking it one component at a time.
@@ -336,7 +339,7 @@ def _open_cscfg(path: str, dfd: int, name: str) -> tuple[int, os.stat_result]:
     except OSError as exc:
         raise CSCfgError(path, None, f"cannot read: {exc.strerror or exc}") from None
     if lst.st_nlink == 0:  # the name's old inode, renamed over while it was looked up
-        raise _RenamedOver(path, None, "refused: CS.cfg was replaced while it was being opened")
+        raise _RenamedOver(path)
     _check_file(path, lst)
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dfd)
@@ -347,7 +350,7 @@ def _open_cscfg(path: str, dfd: int, name: str) -> tuple[int, os.stat_result]:
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino) or st.st_nlink == 0:
-            raise _RenamedOver(path, None, "refused: CS.cfg was replaced while it was being opened")
+            raise _RenamedOver(path)
         _check_file(path, st)
     except BaseException:
         os.close(fd)

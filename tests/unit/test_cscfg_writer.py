@@ -346,6 +346,8 @@ def test_a_read_that_crosses_a_whole_file_renamed_over_cscfg_reads_the_new_file_
     with 2,000 renames a second, far more than any real rewrite."""
     master = instance.read_bytes()
     clone = demote(read_cscfg(instance), "ca2.example.com", 8443).render()
+    clone_file = instance.parent / "clone.sample"
+    clone_file.write_bytes(clone)
     renamer = subprocess.Popen(
         [
             sys.executable,
@@ -361,7 +363,7 @@ def test_a_read_that_crosses_a_whole_file_renamed_over_cscfg_reads_the_new_file_
             "    time.sleep(0.0005)\n",
             str(instance),
             str(FIXTURE),
-            str(_write(instance.parent / "clone.sample", clone)),
+            str(clone_file),
         ]
     )
     seen: set[bytes] = set()
@@ -377,8 +379,3 @@ def test_a_read_that_crosses_a_whole_file_renamed_over_cscfg_reads_the_new_file_
         renamer.wait()
     assert errors == [], f"{len(errors)} of 4000 reads refused, e.g. {errors[:3]}"
     assert seen <= {master, clone} and len(seen) == 2, "a read returned something other than one whole file"
-
-
-def _write(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path
